@@ -1,0 +1,36 @@
+# ladm — make help lists every target.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+CONSTRAINTS := $(VENV)/constraints.txt
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create $(VENV) and install ladm[dev] (torch first, then pinned)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) freeze | grep -i '^torch==' > $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) check
+	touch $(STAMP)
+
+test: $(STAMP) ## run the test suite (offline, CPU, a few minutes)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
+
+demo: $(STAMP) ## the main job: tiny-llama zh→lo, zero_shot vs lora, offline on CPU
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun +experiment=demo
+	$(PY) -m ladm.report multirun/demo
+
+bench: $(STAMP) ## speed benchmarks (ratios measured in one process)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_eval.py
+
+clean: ## remove run outputs (keeps $(VENV))
+	rm -rf multirun outputs wandb

@@ -1,0 +1,46 @@
+"""The seam between the trainer and a method."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+
+
+class Method:
+    """A fine-tuning method, as the trainer sees it.
+
+    (a) `prepare_model` wraps or edits the model; (b) `param_groups` builds the optimizer's
+    parameter groups; (c) `after_backward` may act on gradients after backward and after any
+    DDP all-reduce, before clipping; (d) `select_adapters` may switch adapters per batch.
+    """
+
+    name: ClassVar[str]
+    trains: ClassVar[bool] = True
+    # DDP must be told when some trainable parameters sit idle in a step (multi-adapter methods).
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
+        return model
+
+    def param_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """Called once per optimizer step, with gradients already all-reduced."""
+
+    def select_adapters(self, model: torch.nn.Module, pair: str) -> None:
+        """Called before each forward with the batch's language pair."""
+
+    def grad_norm_groups(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+        """Named parameter sets whose gradient norms are logged per step."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What the method decided (e.g. per-layer multipliers), for results.json and W&B."""
+        return {}

@@ -1,0 +1,52 @@
+"""Weights & Biases: one run per job, offline by default, never fatal."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """A W&B run on the main rank, or a no-op (`logger=none`, other ranks, or W&B failing)."""
+
+    def __init__(self, cfg: DictConfig, out_dir: Path, is_main: bool = True):
+        self.run = None
+        if cfg.logger.name == "none" or cfg.logger.mode == "disabled" or not is_main:
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.name,
+                name=f"{cfg.method.name}-{cfg.pair.name}-{cfg.model.name}", job_type=cfg.method.name,
+                config=OmegaConf.to_container(cfg, resolve=True), mode=cfg.logger.mode, dir=str(out_dir),
+                reinit="finish_previous", settings=wandb.Settings(silent=True),
+            )
+        except Exception as err:  # noqa: BLE001 - tracking must never stop a run
+            log.warning("W&B is unavailable, continuing without it: %s", err)
+
+    @property
+    def run_dir(self) -> str | None:
+        return None if self.run is None else self.run.dir
+
+    def config(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.config.update(values, allow_val_change=True)
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

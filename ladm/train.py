@@ -1,0 +1,164 @@
+"""`ladm-train`: compose → build → fit → evaluate → results.json.
+
+    ladm-train model=tiny-qwen2 pair=zh-km method=lora
+    ladm-train -m experiment=demo
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ladm import REPO_ROOT, LadmError
+from ladm.data import encode_examples, read_split, render_prompt
+from ladm.distributed import DistEnv
+from ladm.evaluate import translate
+from ladm.files import write_json_atomic, write_lines_atomic
+from ladm.methods import build_method
+from ladm.metrics import Scorer
+from ladm.models import check_model_path, load_model, load_tokenizer
+from ladm.tracking import Tracker
+from ladm.trainer import fit
+
+log = logging.getLogger("ladm.train")
+CONFIG_DIR = REPO_ROOT / "conf"
+VERSIONED = ("torch", "transformers", "peft", "sacrebleu", "unbabel-comet", "hydra-core", "wandb", "ladm")
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Reject non-positive sizes and rates before anything is loaded."""
+    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.max_length",
+                "eval.batch_size", "eval.max_new_tokens", "eval.num_beams"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise LadmError(f"{key} must be a positive number, got {value!r}")
+    for key in ("data.max_train_samples", "eval.max_samples"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise LadmError(f"{key} must be a positive integer or null, got {value!r}")
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Train and evaluate one configuration; returns what is written to `out_dir/results.json`."""
+    started = time.perf_counter()
+    # Cheap checks first: numbers, data files, metric models, model path.
+    check_numbers(cfg)
+    method = build_method(cfg)
+    train_corpus = read_split(cfg.data.train, cfg.pair.name).head(cfg.data.max_train_samples)
+    test_corpus = read_split(cfg.data.test, cfg.pair.name).head(cfg.eval.max_samples)
+    scorer = Scorer.preflight(cfg.eval)
+    check_model_path(cfg.model)
+
+    dist = DistEnv.from_environment()
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, tokenizer).to(dist.device)
+    model = method.prepare_model(model, tokenizer)
+    tracker = Tracker(cfg, out_dir, dist.is_main)
+    tracker.config({"method_details": method.describe()})
+
+    prompts = [render_prompt(s, cfg.pair, tokenizer, cfg.model.chat_template) for s in test_corpus.src]
+
+    def evaluate(step: int | None = None) -> tuple[list[str], dict, dict]:
+        hypotheses = translate(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                               cfg.eval.num_beams, desc=f"generate {cfg.pair.name}")
+        metrics, signatures = scorer.score(test_corpus.src, hypotheses, test_corpus.tgt, comet=step is None)
+        tracker.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step or cfg.train.max_steps)
+        return hypotheses, metrics, signatures
+
+    train_stats: dict = {}
+    if method.trains:
+        examples, truncated = encode_examples(train_corpus, cfg.pair, tokenizer, cfg.train.max_length,
+                                              cfg.model.chat_template)
+        if truncated:
+            log.warning("%d of %d training targets were truncated to train.max_length=%d",
+                        truncated, len(examples), cfg.train.max_length)
+        train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker,
+                          on_eval=lambda step: evaluate(step) if dist.is_main else None)
+        train_stats |= {"n_train": len(examples), "truncated_targets": truncated}
+
+    if not dist.is_main:
+        return {}
+    eval_started = time.perf_counter()
+    hypotheses, metrics, signatures = evaluate()
+    eval_seconds = time.perf_counter() - eval_started
+
+    pair = cfg.pair.name
+    write_lines_atomic(out_dir / "predictions" / f"{pair}.hyp", hypotheses)
+    write_lines_atomic(out_dir / "predictions" / f"{pair}.ref", test_corpus.tgt)
+    if method.trains and cfg.train.save_adapter:
+        model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
+    results = {
+        "status": "complete",
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "pairs": [pair],
+        "test_set": cfg.data.test.name,
+        "n_test": len(test_corpus),
+        "metrics": {pair: metrics},
+        "signatures": signatures,
+        "skipped": scorer.skipped,
+        "method_details": method.describe(),
+        "train": {k: v for k, v in train_stats.items() if k != "losses"},
+        "timings": {"total_s": time.perf_counter() - started, "train_s": train_stats.get("seconds", 0.0),
+                    "eval_s": eval_seconds},
+        "versions": {name: version(name) for name in VERSIONED} | {"python": platform.python_version()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    tracker.summary({f"{pair}/{k}": v for k, v in metrics.items()})
+    tracker.finish()
+    write_json_atomic(out_dir / "results.json", results)
+    log.info("%s %s %s: %s", cfg.model.name, cfg.method.name, pair,
+             ", ".join(f"{k}={v:.2f}" for k, v in metrics.items() if v is not None))
+    return results | {"losses": train_stats.get("losses", [])}
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    candidates = [a for a in overrides if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # noqa: BLE001 - let Hydra report malformed overrides itself
+        return
+    for override in parsed:
+        group = override.key_or_group.lstrip("+")
+        if group not in groups or override.is_delete() or group == "hydra":
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            if str(value) not in groups[group]:
+                raise LadmError(f"unknown {group} '{value}': choose one of {', '.join(groups[group])}")
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except LadmError as err:
+        print(f"ladm-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except LadmError as err:
+        print(f"ladm-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The training loop: AdamW, a transformers schedule, accumulation, clipping, DDP-ready."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+from transformers import get_scheduler, set_seed
+
+from ladm import LadmError
+from ladm.data import IGNORE_INDEX, Example, collate
+from ladm.distributed import DistEnv
+from ladm.methods import Method
+from ladm.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on a bf16-capable GPU under `auto`; plain fp32 elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def target_token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens of a batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def _batches(loader: DataLoader, sampler: DistributedSampler) -> Iterator[dict]:
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def fit(
+    model: torch.nn.Module,
+    method: Method,
+    examples: list[Example],
+    pad_token_id: int,
+    train_cfg: DictConfig,
+    dist: DistEnv,
+    tracker: Tracker,
+    on_eval: Callable[[int], None] | None = None,
+) -> dict:
+    """Train `model` for `train.max_steps` optimizer steps; returns losses and timings.
+
+    The loss is the mean over all target tokens of the global batch (every rank, every
+    accumulation micro-step), so N ranks with batch b equal one rank with batch N·b.
+    """
+    set_seed(train_cfg.seed)
+    device = dist.device
+    sampler = DistributedSampler(examples, num_replicas=dist.world_size, rank=dist.rank,
+                                 shuffle=True, seed=train_cfg.seed, drop_last=True)
+    loader = DataLoader(examples, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=lambda b: collate(b, pad_token_id))
+    if len(loader) == 0:
+        raise LadmError(f"{len(examples)} training sentences cannot fill one batch of "
+                        f"train.batch_size={train_cfg.batch_size} on {dist.world_size} rank(s)")
+
+    optimizer = torch.optim.AdamW(method.param_groups(model, train_cfg.lr, train_cfg.weight_decay),
+                                  lr=train_cfg.lr)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    scheduler = get_scheduler(train_cfg.scheduler, optimizer,
+                              num_warmup_steps=math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps),
+                              num_training_steps=train_cfg.max_steps)
+    ddp = None
+    if dist.world_size > 1:
+        ddp = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
+                                      find_unused_parameters=method.find_unused_parameters)
+    forward_model = ddp or model
+    amp = autocast_dtype(train_cfg.precision, device)
+
+    model.train()
+    batches = _batches(loader, sampler)
+    losses: list[float] = []
+    start = time.perf_counter()
+    progress = tqdm(range(1, train_cfg.max_steps + 1), desc="train", disable=not dist.is_main)
+    for step in progress:
+        micro_batches = [next(batches) for _ in range(train_cfg.grad_accum)]
+        n_tokens = dist.all_reduce_sum(
+            sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro_batches).to(device)
+        )
+        loss_sum = torch.zeros((), device=device)
+        for i, micro in enumerate(micro_batches):
+            method.select_adapters(model, micro["pair"])
+            tensors = {k: v.to(device) for k, v in micro.items() if isinstance(v, torch.Tensor)}
+            sync = ddp is None or i == len(micro_batches) - 1
+            with (nullcontext() if sync else ddp.no_sync()), \
+                    torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = target_token_loss_sum(forward_model, tensors)
+                # DDP averages gradients over ranks; scale so the result is the global token mean.
+                (loss * dist.world_size / n_tokens).backward()
+            loss_sum += loss.detach()
+        method.after_backward(model)
+        metrics = {f"grad_norm/{name}": _grad_norm(params) for name, params in method.grad_norm_groups(model).items()}
+        metrics["grad_norm/total"] = float(torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        mean_loss = float(dist.all_reduce_sum(loss_sum) / n_tokens)
+        if not math.isfinite(mean_loss):
+            raise LadmError(f"the training loss became {mean_loss} at step {step}: lower train.lr or check the data")
+        losses.append(mean_loss)
+        progress.set_postfix(loss=f"{mean_loss:.3f}")
+        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+            tracker.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], **metrics}, step=step)
+        if on_eval is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.max_steps:
+            on_eval(step)
+            model.train()
+    model.eval()
+    return {"steps": train_cfg.max_steps, "losses": losses, "final_loss": losses[-1],
+            "seconds": time.perf_counter() - start}
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
