@@ -1,0 +1,58 @@
+"""Shared fixtures: offline environment, Hydra compose, tiny corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+                  WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from ladm.train import CONFIG_DIR  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenizer cache for the session (the BPE is trained once)."""
+    path = tmp_path_factory.mktemp("ladm-cache")
+    os.environ["LADM_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture
+def make_cfg(cache_dir):
+    """Compose conf/ with overrides, as `ladm-train` would (no W&B, no external metrics by default)."""
+
+    def _make(*overrides: str) -> DictConfig:
+        base = ["logger=none", "eval.metrics=[chrf++]", f"cache_dir={cache_dir}"]
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=base + list(overrides))
+
+    return _make
+
+
+@pytest.fixture
+def repeated_corpus(tmp_path) -> tuple[Path, Path]:
+    """A tiny zh→lo corpus (8 real FLORES pairs repeated), aligned text files."""
+    from ladm import REPO_ROOT
+
+    flores = REPO_ROOT / "data" / "flores200" / "dev"
+    src = (flores / "zho_Hans.dev").read_text(encoding="utf-8").splitlines()[:8]
+    tgt = (flores / "lao_Laoo.dev").read_text(encoding="utf-8").splitlines()[:8]
+    src_path, tgt_path = tmp_path / "train.zh", tmp_path / "train.lo"
+    src_path.write_text("\n".join(src * 4) + "\n", encoding="utf-8")
+    tgt_path.write_text("\n".join(tgt * 4) + "\n", encoding="utf-8")
+    return src_path, tgt_path
+
+
+@pytest.fixture
+def files_overrides(repeated_corpus) -> list[str]:
+    """Train and test on the repeated corpus through `data=files`."""
+    src, tgt = repeated_corpus
+    return ["data=files", f"data.train.src={src}", f"data.train.tgt={tgt}",
+            f"data.test.src={src}", f"data.test.tgt={tgt}", "eval.max_samples=4"]

@@ -1,0 +1,73 @@
+"""Prompt, loss masking, truncation and corpus readers (METHODS.md §5)."""
+
+import json
+
+import pytest
+
+from ladm import LadmError
+from ladm.data import IGNORE_INDEX, ParallelCorpus, collate, encode_examples, read_split, render_prompt
+from ladm.models import load_tokenizer
+
+
+def test_prompt_matches_methods_md(make_cfg):
+    cfg = make_cfg("pair=zh-km")
+    assert render_prompt("你好", cfg.pair) == "Translate the following Chinese text into Khmer.\nChinese: 你好\nKhmer:"
+
+
+def test_loss_covers_target_tokens_only(make_cfg):
+    cfg = make_cfg()
+    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    corpus = ParallelCorpus("zh-lo", ["你好"], ["ສະບາຍດີ"])
+    (example,), truncated = encode_examples(corpus, cfg.pair, tok, max_length=256)
+    prompt_ids = tok(render_prompt("你好", cfg.pair)).input_ids
+    target_ids = tok(" ສະບາຍດີ", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert truncated == 0
+    assert example.input_ids == prompt_ids + target_ids
+    assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + target_ids
+    assert prompt_ids[0] == tok.bos_token_id
+
+
+def test_long_targets_are_truncated_and_counted(make_cfg):
+    cfg = make_cfg()
+    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    corpus = ParallelCorpus("zh-lo", ["你好", "你好"], ["ສະບາຍດີ", "ສະບາຍດີ " * 50])
+    examples, truncated = encode_examples(corpus, cfg.pair, tok, max_length=40)
+    assert truncated == 1
+    assert len(examples[1].input_ids) == 40 and len(examples[0].input_ids) < 40
+
+
+def test_prompt_longer_than_max_length_is_an_error(make_cfg):
+    cfg = make_cfg()
+    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    with pytest.raises(LadmError, match="raise train.max_length"):
+        encode_examples(ParallelCorpus("zh-lo", ["你好" * 50], ["x"]), cfg.pair, tok, max_length=10)
+
+
+def test_collate_right_pads_and_masks():
+    from ladm.data import Example
+
+    batch = collate([Example("p", [5, 6, 7], [-100, 6, 7]), Example("p", [5, 6], [-100, 6])], pad_token_id=2)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 6, -100]]
+    assert batch["pair"] == "p"
+
+
+def test_crlf_text_files_are_read_like_lf(tmp_path, make_cfg):
+    (tmp_path / "a").write_bytes("一\r\n二\r\n".encode())
+    (tmp_path / "b").write_bytes(b"one\ntwo\n")
+    split = make_cfg().data.train.copy()
+    split.src, split.tgt = str(tmp_path / "a"), str(tmp_path / "b")
+    corpus = read_split(split, "zh-en")
+    assert corpus.src == ["一", "二"] and corpus.tgt == ["one", "two"]
+
+
+def test_tsv_and_jsonl_readers(tmp_path):
+    from omegaconf import OmegaConf
+
+    (tmp_path / "d.tsv").write_text("一\tone\n二\ttwo\n", encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"zh": s, "en": t}) for s, t in [("一", "one"), ("二", "two")]))
+    tsv = read_split(OmegaConf.create({"format": "tsv", "path": str(tmp_path / "d.tsv")}), "zh-en")
+    jsonl = read_split(OmegaConf.create({"format": "jsonl", "path": str(tmp_path / "d.jsonl"),
+                                         "src_key": "zh", "tgt_key": "en"}), "zh-en")
+    assert tsv.src == jsonl.src == ["一", "二"] and tsv.tgt == jsonl.tgt == ["one", "two"]

@@ -1,0 +1,138 @@
+"""Metrics against sacrebleu / sentencepiece / COMET called directly; honest labels for spBLEU."""
+
+import json
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import torch
+from omegaconf import OmegaConf
+from sacrebleu.metrics import BLEU, CHRF
+
+from ladm import REPO_ROOT, LadmError
+from ladm import metrics as ladm_metrics
+from ladm.metrics import Scorer
+from ladm.train import run
+
+SRC = ["今天天气很好。", "我们去公园吧。", "他在读书。"]
+HYP = ["ມື້ນີ້ອາກາດດີ.", "ພວກເຮົາໄປສວນສາທາລະນະ.", "ລາວອ່ານປຶ້ມ"]
+REF = ["ມື້ນີ້ອາກາດດີຫຼາຍ.", "ໄປສວນສາທາລະນະກັນເທາະ.", "ລາວກຳລັງອ່ານປຶ້ມ."]
+
+
+def eval_cfg(**changes):
+    cfg = OmegaConf.load(REPO_ROOT / "conf" / "eval" / "default.yaml")
+    return OmegaConf.merge(cfg, changes)
+
+
+@pytest.fixture(scope="module")
+def standin_spm(tmp_path_factory) -> Path:
+    """A SentencePiece model trained offline on shipped text: *not* the official FLORES-200 one."""
+    root = tmp_path_factory.mktemp("sacrebleu")
+    (root / "models").mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(REPO_ROOT / "data/flores200/dev/lao_Laoo.dev"), model_prefix=str(root / "spm"),
+        vocab_size=300, character_coverage=1.0, minloglevel=2)
+    (root / "spm.model").rename(root / "models" / "flores200sacrebleuspm")
+    return root
+
+
+@pytest.fixture
+def sacrebleu_dir(standin_spm, monkeypatch) -> Path:
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(standin_spm))
+    return standin_spm / "models" / "flores200sacrebleuspm"
+
+
+@pytest.fixture(scope="module")
+def tiny_comet(tmp_path_factory) -> tuple[Path, object]:
+    """A COMET RegressionMetric on a tiny XLM-R built offline, saved as a COMET checkpoint dir."""
+    import pytorch_lightning
+    import yaml
+    from comet.models import RegressionMetric
+    from transformers import XLMRobertaConfig, XLMRobertaTokenizerFast
+
+    root = tmp_path_factory.mktemp("comet")
+    encoder_dir = root / "encoder"
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(REPO_ROOT / "data/flores200/dev/eng_Latn.dev"), model_prefix=str(root / "xlmr"),
+        vocab_size=500, minloglevel=2)
+    XLMRobertaTokenizerFast(vocab_file=str(root / "xlmr.model")).save_pretrained(encoder_dir)
+    XLMRobertaConfig(vocab_size=504, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=130).save_pretrained(encoder_dir)
+    torch.manual_seed(0)
+    model = RegressionMetric(pretrained_model=str(encoder_dir), load_pretrained_weights=False,
+                             local_files_only=True, hidden_sizes=[16])
+    checkpoint_dir = root / "tiny-comet"
+    (checkpoint_dir / "checkpoints").mkdir(parents=True)
+    hparams = dict(model.hparams) | {"class_identifier": "regression_metric"}
+    (checkpoint_dir / "hparams.yaml").write_text(yaml.safe_dump(hparams))
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pytorch_lightning.__version__},
+               checkpoint_dir / "checkpoints" / "model.ckpt")
+    return checkpoint_dir, model
+
+
+def test_chrf_plus_plus_equals_sacrebleu():
+    scores, signatures = Scorer.preflight(eval_cfg(metrics=["chrf++"])).score(SRC, HYP, REF)
+    expected = CHRF(word_order=2).corpus_score(HYP, [REF])
+    assert scores == {"chrf++": pytest.approx(expected.score)}
+    assert "nw:2" in signatures["chrf++"]
+
+
+def test_missing_spm_model_stops_before_training_by_default(monkeypatch, tmp_path):
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path))
+    with pytest.raises(LadmError, match="flores200sacrebleuspm: put the file there"):
+        Scorer.preflight(eval_cfg(metrics=["spbleu"]))
+    scorer = Scorer.preflight(eval_cfg(metrics=["spbleu"], on_missing="skip"))
+    scores, signatures = scorer.score(SRC, HYP, REF)
+    assert scores == {"spbleu": None} and signatures == {} and "spbleu" in scorer.skipped
+
+
+def test_standin_spm_is_never_labelled_spbleu(sacrebleu_dir):
+    with pytest.raises(LadmError, match="is not the official FLORES-200"):
+        Scorer.preflight(eval_cfg(metrics=["spbleu"]))
+    scores, signatures = Scorer.preflight(eval_cfg(metrics=["spbleu"], on_missing="skip")).score(SRC, HYP, REF)
+    assert scores["spbleu"] is None
+    # Independent: segment with the same SentencePiece model ourselves, then plain BLEU.
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(sacrebleu_dir))
+    pieces = lambda lines: [" ".join(sp.encode(line, out_type=str)) for line in lines]  # noqa: E731
+    expected = BLEU(tokenize="none").corpus_score(pieces(HYP), [pieces(REF)]).score
+    assert scores["bleu_spm_unofficial"] == pytest.approx(expected)
+    assert "tok:flores200" in signatures["bleu_spm_unofficial"]
+
+
+def test_official_checksum_is_what_earns_the_spbleu_label(sacrebleu_dir, monkeypatch):
+    monkeypatch.setattr(ladm_metrics, "OFFICIAL_SPM_SHA256", ladm_metrics._sha256(sacrebleu_dir))
+    scores, _ = Scorer.preflight(eval_cfg(metrics=["spbleu"])).score(SRC, HYP, REF)
+    assert scores["spbleu"] == pytest.approx(BLEU(tokenize="flores200").corpus_score(HYP, [REF]).score)
+
+
+def test_comet_through_real_predict_path(tiny_comet):
+    checkpoint_dir, reference_model = tiny_comet
+    scores, _ = Scorer.preflight(eval_cfg(metrics=["comet"], comet={"model": str(checkpoint_dir)})).score(SRC, HYP, REF)
+    samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(SRC, HYP, REF)]
+    expected = reference_model.predict(samples, batch_size=2, gpus=0, num_workers=0, progress_bar=False)
+    assert scores["comet"] == pytest.approx(expected.system_score, abs=1e-5)
+
+
+def test_missing_comet_checkpoint(tmp_path):
+    with pytest.raises(LadmError, match="not available offline"):
+        Scorer.preflight(eval_cfg(metrics=["comet"], comet={"model": "Unbabel/not-a-cached-model"}))
+    scorer = Scorer.preflight(eval_cfg(metrics=["comet"], on_missing="skip", comet={"model": str(tmp_path)}))
+    assert scorer.score(SRC, HYP, REF)[0] == {"comet": None} and "comet" in scorer.skipped
+
+
+def test_run_records_all_three_metrics_honestly(make_cfg, files_overrides, sacrebleu_dir, tiny_comet, tmp_path):
+    cfg = make_cfg("method=zero_shot", "eval.metrics=[chrf++,spbleu,comet]", "eval.on_missing=skip",
+                   f"eval.comet.model={tiny_comet[0]}", "eval.max_new_tokens=8", *files_overrides)
+    run(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    scores = results["metrics"]["zh-lo"]
+    hyps = (tmp_path / "predictions" / "zh-lo.hyp").read_text(encoding="utf-8").splitlines()
+    refs = (tmp_path / "predictions" / "zh-lo.ref").read_text(encoding="utf-8").splitlines()
+    assert scores["chrf++"] == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score)
+    assert scores["spbleu"] is None and "bleu_spm_unofficial" in scores and "spbleu" in results["skipped"]
+    assert isinstance(scores["comet"], float)
