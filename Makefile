@@ -26,8 +26,8 @@ test: $(STAMP) ## run the test suite (offline, CPU, a few minutes)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
 
 demo: $(STAMP) ## the main job: tiny-llama zh→lo, zero_shot vs lora, offline on CPU
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun +experiment=demo
-	$(PY) -m ladm.report multirun/demo
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun experiment=demo
+	$(VENV)/bin/ladm-report multirun/demo
 
 bench: $(STAMP) ## speed benchmarks (ratios measured in one process)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_eval.py

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 
-def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -39,7 +39,7 @@ def translate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tok
     hypotheses: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         index = order[start:start + batch_size]
-        input_ids, attention_mask = _left_pad([encoded[i] for i in index], tokenizer.pad_token_id)
+        input_ids, attention_mask = left_pad([encoded[i] for i in index], tokenizer.pad_token_id)
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 generation_config=generation, tokenizer=tokenizer)
         texts = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)

@@ -119,3 +119,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder blocks of a (possibly PEFT-wrapped) causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model.layers
+
+
+def num_layers(model_cfg: DictConfig) -> int:
+    """The decoder layer count from the config alone (no weights loaded)."""
+    if model_cfg.path is None:
+        return int(model_cfg.tiny.num_hidden_layers)
+    config = AutoConfig.from_pretrained(_resolve(model_cfg.path))
+    return int(getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers)

@@ -17,6 +17,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
 
 from ladm import REPO_ROOT, LadmError
 from ladm.data import encode_examples, read_split, render_prompt
@@ -27,7 +28,7 @@ from ladm.methods import build_method
 from ladm.metrics import Scorer
 from ladm.models import check_model_path, load_model, load_tokenizer
 from ladm.tracking import Tracker
-from ladm.trainer import fit
+from ladm.trainer import OPTIMIZERS, fit
 
 log = logging.getLogger("ladm.train")
 CONFIG_DIR = REPO_ROOT / "conf"
@@ -41,6 +42,8 @@ def check_numbers(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, (int, float)) or value <= 0:
             raise LadmError(f"{key} must be a positive number, got {value!r}")
+    if cfg.train.optimizer not in OPTIMIZERS:
+        raise LadmError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.train.optimizer}'")
     for key in ("data.max_train_samples", "eval.max_samples"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or value <= 0):
@@ -59,6 +62,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     check_model_path(cfg.model)
 
     dist = DistEnv.from_environment()
+    set_seed(cfg.train.seed)  # adapter initialisation is seeded too
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, tokenizer).to(dist.device)
     model = method.prepare_model(model, tokenizer)

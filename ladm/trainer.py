@@ -25,6 +25,9 @@ from ladm.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on a bf16-capable GPU under `auto`; plain fp32 elsewhere."""
     if precision == "fp32":
@@ -80,8 +83,8 @@ def fit(
         raise LadmError(f"{len(examples)} training sentences cannot fill one batch of "
                         f"train.batch_size={train_cfg.batch_size} on {dist.world_size} rank(s)")
 
-    optimizer = torch.optim.AdamW(method.param_groups(model, train_cfg.lr, train_cfg.weight_decay),
-                                  lr=train_cfg.lr)
+    optimizer = OPTIMIZERS[train_cfg.optimizer](method.param_groups(model, train_cfg.lr, train_cfg.weight_decay),
+                                                lr=train_cfg.lr)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_scheduler(train_cfg.scheduler, optimizer,
                               num_warmup_steps=math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps),

@@ -6,10 +6,11 @@ from omegaconf import DictConfig
 
 from ladm import LadmError
 from ladm.methods.base import Method
+from ladm.methods.ladm import LaDM
 from ladm.methods.lora import LoRA
 from ladm.methods.zero_shot import ZeroShot
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, LoRA)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, LoRA, LaDM)}
 
 
 def build_method(cfg: DictConfig) -> Method:

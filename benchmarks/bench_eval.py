@@ -1,0 +1,67 @@
+"""Sentences per second: the batched evaluator against one-sentence-at-a-time `generate`.
+
+Same model, same prompts, one process, alternating rounds; prints the ratio.
+    python benchmarks/bench_eval.py [--sentences 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from ladm.data import read_split, render_prompt  # noqa: E402
+from ladm.evaluate import first_line, translate  # noqa: E402
+from ladm.models import load_model, load_tokenizer  # noqa: E402
+from ladm.train import CONFIG_DIR  # noqa: E402
+
+
+@torch.no_grad()
+def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    hypotheses = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, stop_strings=["\n"], tokenizer=tokenizer)
+        hypotheses.append(first_line(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+    return hypotheses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--sentences", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={args.model}"])
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, tokenizer).eval()
+    corpus = read_split(cfg.data.test, cfg.pair.name).head(args.sentences)
+    prompts = [render_prompt(s, cfg.pair) for s in corpus.src]
+
+    timings = {"batched": [], "single": []}
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        batched = translate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc="batched")
+        timings["batched"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        single = one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)
+        timings["single"].append(time.perf_counter() - start)
+    agree = sum(a == b for a, b in zip(batched, single)) / len(prompts)
+    best = {k: min(v) for k, v in timings.items()}
+    print(f"model={args.model} sentences={len(prompts)} batch_size={args.batch_size} "
+          f"max_new_tokens={args.max_new_tokens} threads={torch.get_num_threads()}")
+    print(f"batched: {len(prompts) / best['batched']:.1f} sent/s   single: {len(prompts) / best['single']:.1f} sent/s")
+    print(f"speed-up (batched / single): {best['single'] / best['batched']:.2f}x   identical outputs: {agree:.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""LaDM: sparse dual-directional modulation of LoRA by the Activation Disparity ΔR (METHODS.md §2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from peft import get_peft_model
+
+from ladm import LadmError
+from ladm.methods.lora import LoRA, lora_config
+from ladm.models import num_layers
+
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+MODES = ("step", "grad", "forward")
+
+
+def layer_of(parameter_name: str) -> int | None:
+    match = LAYER_INDEX.search(parameter_name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """TAL/LIL thresholds, the sparse strategy and the multipliers m_l (METHODS.md §2)."""
+
+    tau_tal: float
+    tau_lil: float
+    select: str
+    k_tal: int
+    k_lil: int
+    ratio_tal: float
+    ratio_lil: float
+    alpha: float
+    beta: float
+    variant: str
+    m_min: float
+    m_max: float
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> Selection:
+        """Build from `method.*` and `strength.*`, rejecting values outside their domains."""
+        method_cfg = cfg.method
+        alpha, beta = float(cfg.strength.alpha), float(cfg.strength.beta)
+        if alpha < 0:
+            raise LadmError(f"strength.alpha must be ≥ 0 (TAL layers are amplified by 1+alpha), got {alpha}")
+        if not 0 <= beta <= 1:
+            raise LadmError(f"strength.beta must lie in [0, 1] (LIL layers are scaled by 1-beta), got {beta}")
+        for key in ("tau_tal", "tau_lil"):
+            if method_cfg[key] < 0:
+                raise LadmError(f"method.{key} must be ≥ 0 (the thresholds are magnitudes), got {method_cfg[key]}")
+        if method_cfg.select not in ("topk", "ratio", "all"):
+            raise LadmError(f"method.select must be topk | ratio | all, got '{method_cfg.select}'")
+        if method_cfg.variant not in ("signed", "proportional"):
+            raise LadmError(f"method.variant must be signed | proportional, got '{method_cfg.variant}'")
+        for key in ("ratio_tal", "ratio_lil"):
+            if not 0 <= method_cfg[key] <= 1:
+                raise LadmError(f"method.{key} must lie in [0, 1], got {method_cfg[key]}")
+        for key in ("k_tal", "k_lil"):
+            if method_cfg[key] < 0:
+                raise LadmError(f"method.{key} must be ≥ 0, got {method_cfg[key]}")
+        if method_cfg.m_min > method_cfg.m_max or method_cfg.m_min < 0:
+            raise LadmError(f"need 0 ≤ method.m_min ≤ method.m_max, got {method_cfg.m_min} and {method_cfg.m_max}")
+        return cls(method_cfg.tau_tal, method_cfg.tau_lil, method_cfg.select, method_cfg.k_tal, method_cfg.k_lil,
+                   method_cfg.ratio_tal, method_cfg.ratio_lil, alpha, beta, method_cfg.variant,
+                   method_cfg.m_min, method_cfg.m_max)
+
+    def check_layer_count(self, n_layers: int) -> None:
+        if self.select == "topk" and max(self.k_tal, self.k_lil) > n_layers:
+            raise LadmError(f"method.k_tal={self.k_tal} / k_lil={self.k_lil} exceed the model's {n_layers} layers")
+
+    def _budget(self, side: str, n_layers: int) -> int:
+        if self.select == "all":
+            return n_layers
+        if self.select == "topk":
+            return self.k_tal if side == "tal" else self.k_lil
+        ratio = self.ratio_tal if side == "tal" else self.ratio_lil
+        return math.floor(ratio * n_layers + 0.5)
+
+    def __call__(self, delta_r: list[float]) -> dict[str, Any]:
+        """TAL = {ΔR > τ_TAL}, LIL = {ΔR < −τ_LIL}; the strongest of each side get m_l ≠ 1."""
+        n = len(delta_r)
+        tal = [l for l in range(n) if delta_r[l] > self.tau_tal]
+        lil = [l for l in range(n) if delta_r[l] < -self.tau_lil]
+        selected_tal = sorted(sorted(tal, key=lambda l: -delta_r[l])[:self._budget("tal", n)])
+        selected_lil = sorted(sorted(lil, key=lambda l: delta_r[l])[:self._budget("lil", n)])
+        scale = max(abs(d) for d in delta_r) or 1.0
+        multipliers = [1.0] * n
+        for layers, strength, sign in ((selected_tal, self.alpha, 1), (selected_lil, self.beta, -1)):
+            for l in layers:
+                if self.variant == "signed":
+                    multipliers[l] = 1.0 + sign * strength
+                else:
+                    multipliers[l] = min(max(1.0 + strength * delta_r[l] / scale, self.m_min), self.m_max)
+        return {"tal": tal, "lil": lil, "selected_tal": selected_tal, "selected_lil": selected_lil,
+                "multipliers": multipliers}
+
+
+class LaDM(LoRA):
+    """LoRA on every layer; layer l's adapters are modulated by m_l.
+
+    `mode=step` (default) gives layer l the learning rate m_l·lr (scales the step under any
+    optimizer); `grad` multiplies its gradients by m_l after backward and any all-reduce (a
+    no-op under Adam, which is invariant to gradient scale); `forward` scales its LoRA output
+    by m_l through PEFT's `alpha_pattern`. m_l = 0 freezes the layer's adapters.
+    """
+
+    name = "ladm"
+
+    def __init__(self, cfg: DictConfig):
+        from ladm.probe import check_probe_cfg, reference_pair_cfg
+
+        super().__init__(cfg)
+        if cfg.method.mode not in MODES:
+            raise LadmError(f"method.mode must be one of {' | '.join(MODES)}, got '{cfg.method.mode}'")
+        self.selection = Selection.from_cfg(cfg)
+        check_probe_cfg(cfg)
+        reference_pair_cfg(cfg)
+        self.n_layers = num_layers(cfg.model)
+        self.selection.check_layer_count(self.n_layers)
+        self.given = self._read_delta_r(cfg.method.delta_r_path) if cfg.method.delta_r_path else None
+        self.report: dict[str, Any] = {}
+
+    def _read_delta_r(self, path: str) -> dict:
+        """A delta_r.json from `ladm-probe`, checked against this model and these pairs."""
+        file = Path(path)
+        if not file.is_file():
+            raise LadmError(f"method.delta_r_path not found: {path}")
+        given = json.loads(file.read_text())
+        expected = {"model": self.cfg.model.name, "n_layers": self.n_layers, "pair": self.cfg.pair.name,
+                    "reference_pair": self.cfg.probe.reference_pair}
+        for key, value in expected.items():
+            if given.get(key) != value:
+                raise LadmError(f"{path} was measured with {key}={given.get(key)!r}, but this run has {value!r}: "
+                                "probe this model and pair again (ladm-probe)")
+        return given
+
+    @property
+    def multipliers(self) -> list[float]:
+        return self.report["multipliers"]
+
+    def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
+        from ladm.probe import delta_r_report, measure_relevance
+
+        measured = self.given or measure_relevance(model, tokenizer, self.cfg)
+        self.report = delta_r_report(measured, self.cfg.probe, self.selection)
+        overrides = {}
+        if self.cfg.method.mode == "forward":
+            overrides["alpha_pattern"] = {rf"layers\.{l}\..*": self.cfg.method.alpha * m
+                                          for l, m in enumerate(self.multipliers) if m != 1.0}
+        model = get_peft_model(model, lora_config(self.cfg.method, **overrides))
+        if self.cfg.method.mode == "step":
+            for name, param in model.named_parameters():
+                if param.requires_grad and self._multiplier(name) == 0.0:
+                    param.requires_grad_(False)
+        return model
+
+    def _multiplier(self, parameter_name: str) -> float:
+        layer = layer_of(parameter_name)
+        return 1.0 if layer is None else self.multipliers[layer]
+
+    def _trainable_by_layer(self, model: torch.nn.Module) -> dict[int | None, list[torch.nn.Parameter]]:
+        groups: dict[int | None, list[torch.nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault(layer_of(name), []).append(param)
+        return groups
+
+    def param_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        if self.cfg.method.mode != "step":
+            return super().param_groups(model, lr, weight_decay)
+        return [{"params": params, "lr": lr * (1.0 if layer is None else self.multipliers[layer]),
+                 "weight_decay": weight_decay, "layer": layer}
+                for layer, params in sorted(self._trainable_by_layer(model).items(), key=lambda kv: kv[0] or -1)]
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        if self.cfg.method.mode != "grad":
+            return
+        for layer, params in self._trainable_by_layer(model).items():
+            m = 1.0 if layer is None else self.multipliers[layer]
+            for param in params:
+                if param.grad is not None and m != 1.0:
+                    param.grad.mul_(m)
+
+    def grad_norm_groups(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+        """LoRA parameters of the modulated TAL layers, the modulated LIL layers, and the rest."""
+        tal, lil = set(self.report["selected_tal"]), set(self.report["selected_lil"])
+        groups: dict[str, list[torch.nn.Parameter]] = {"tal": [], "lil": [], "other": []}
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                layer = layer_of(name)
+                groups["tal" if layer in tal else "lil" if layer in lil else "other"].append(param)
+        return groups
+
+    def describe(self) -> dict[str, Any]:
+        keep = ("reference_pair", "pair", "n_sentences", "R_hi", "R_lo", "delta_r", "tal", "lil",
+                "selected_tal", "selected_lil", "multipliers")
+        return {k: self.report[k] for k in keep if k in self.report} | {
+            "mode": self.cfg.method.mode, "alpha": self.selection.alpha, "beta": self.selection.beta}

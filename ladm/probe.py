@@ -1,0 +1,190 @@
+"""`ladm-probe`: per-layer relevance R for a reference and a target pair, ΔR, TAL/LIL (METHODS.md §1).
+
+    ladm-probe pair=zh-km                      # tiny-llama, reference zh-en
+    ladm-probe model=qwen2.5-7b model.path=/models/qwen pair=zh-lo probe.n_sentences=500
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ladm import LadmError
+from ladm.activations import activation_disparity, layer_relevance, normalise
+from ladm.data import read_split, render_prompt
+from ladm.files import write_json_atomic
+from ladm.models import check_model_path, load_model, load_tokenizer
+from ladm.train import CONFIG_DIR, check_group_choices
+
+log = logging.getLogger("ladm.probe")
+PROBE_CHOICES = {"split": ("train", "test"), "input": ("prompt", "prompt+reference"),
+                 "normalisation": ("none", "sum", "zscore"), "sign": ("hi_minus_lo", "lo_minus_hi")}
+
+
+def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
+    """The config with `pair` replaced by `probe.reference_pair` (its data paths re-resolve)."""
+    ref_name = cfg.probe.reference_pair
+    if ref_name == cfg.pair.name:
+        raise LadmError(f"pair {cfg.pair.name} is the reference pair itself: choose a low-resource pair "
+                        f"or another probe.reference_pair")
+    path = CONFIG_DIR / "pair" / f"{ref_name}.yaml"
+    if not path.is_file():
+        raise LadmError(f"unknown probe.reference_pair '{ref_name}': choose one of "
+                        + ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml"))))
+    ref_cfg = cfg.copy()
+    OmegaConf.set_struct(ref_cfg, False)
+    ref_cfg.pair = OmegaConf.load(path)
+    return ref_cfg
+
+
+def check_probe_cfg(cfg: DictConfig) -> None:
+    for key, allowed in PROBE_CHOICES.items():
+        if cfg.probe[key] not in allowed:
+            raise LadmError(f"probe.{key} must be one of {' | '.join(allowed)}, got '{cfg.probe[key]}'")
+    for key in ("n_sentences", "batch_size"):
+        if not isinstance(cfg.probe[key], int) or cfg.probe[key] <= 0:
+            raise LadmError(f"probe.{key} must be a positive integer, got {cfg.probe[key]!r}")
+
+
+def probe_inputs(cfg: DictConfig, tokenizer) -> list[list[int]]:
+    """Tokenised probe set of `cfg.pair`: the prompt, or the prompt followed by the reference."""
+    split = cfg.data.train if cfg.probe.split == "train" else cfg.data.test
+    corpus = read_split(split, cfg.pair.name).head(cfg.probe.n_sentences)
+    texts = [render_prompt(s, cfg.pair, tokenizer, cfg.model.chat_template) for s in corpus.src]
+    if cfg.probe.input == "prompt+reference":
+        texts = [f"{text} {ref}" for text, ref in zip(texts, corpus.tgt)]
+    return tokenizer(texts).input_ids
+
+
+def probe_key(cfg: DictConfig) -> str:
+    """Identifies R_hi/R_lo: model, both pairs, the probe knobs that change R, and the data files."""
+    ref_cfg = reference_pair_cfg(cfg)
+    split = "train" if cfg.probe.split == "train" else "test"
+    identity = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "pairs": [ref_cfg.pair.name, cfg.pair.name],
+        "probe": {k: cfg.probe[k] for k in ("split", "n_sentences", "input")},
+        "files": [OmegaConf.to_container(c.data[split], resolve=True) for c in (ref_cfg, cfg)],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dict:
+    """R_hi and R_lo (raw, per layer) on the base model, cached under `cache_dir/delta_r/`."""
+    check_probe_cfg(cfg)
+    ref_cfg = reference_pair_cfg(cfg)
+    cache = Path(cfg.cache_dir) / "delta_r" / f"{probe_key(cfg)}.json"
+    if cache.is_file():
+        log.info("ΔR probe: reusing %s", cache)
+        return json.loads(cache.read_text())
+    relevance = {}
+    for name, pair_cfg in (("R_hi", ref_cfg), ("R_lo", cfg)):
+        inputs = probe_inputs(pair_cfg, tokenizer)
+        relevance[name] = layer_relevance(model, inputs, tokenizer.pad_token_id, cfg.probe.batch_size,
+                                          desc=f"probe {pair_cfg.pair.name}").tolist()
+    measured = {"model": cfg.model.name, "model_path": cfg.model.path, "n_layers": len(relevance["R_hi"]),
+                "reference_pair": ref_cfg.pair.name, "pair": cfg.pair.name,
+                "n_sentences": len(inputs), **relevance}
+    write_json_atomic(cache, measured)
+    return measured
+
+
+def delta_r_report(measured: dict, probe_cfg: DictConfig, selection=None) -> dict:
+    """The delta_r.json content: R, R̃, ΔR, and (given a selection) TAL/LIL and multipliers."""
+    r_hi, r_lo = torch.tensor(measured["R_hi"]), torch.tensor(measured["R_lo"])
+    delta = activation_disparity(r_hi, r_lo, probe_cfg.normalisation, probe_cfg.sign)
+    report = measured | {
+        "R_hi_norm": normalise(r_hi, probe_cfg.normalisation).tolist(),
+        "R_lo_norm": normalise(r_lo, probe_cfg.normalisation).tolist(),
+        "delta_r": delta.tolist(),
+        "probe": OmegaConf.to_container(probe_cfg, resolve=True),
+    }
+    if selection is not None:
+        report |= selection(delta.tolist())
+    return report
+
+
+def plot_delta_r(report: dict, path: Path) -> None:
+    """Bar chart of ΔR per layer; TAL red, LIL blue, modulated layers hatched and labelled m_l."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    delta = report["delta_r"]
+    tal, lil = set(report.get("tal", [])), set(report.get("lil", []))
+    selected = set(report.get("selected_tal", [])) | set(report.get("selected_lil", []))
+    colours = ["tab:red" if i in tal else "tab:blue" if i in lil else "tab:gray" for i in range(len(delta))]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(delta)), 3.5))
+    bars = ax.bar(range(len(delta)), delta, color=colours, edgecolor="black", linewidth=0.4)
+    for i, bar in enumerate(bars):
+        if i in selected:
+            bar.set_hatch("//")
+            ax.annotate(f"×{report['multipliers'][i]:.2g}", (i, delta[i]), ha="center", fontsize=7,
+                        va="bottom" if delta[i] >= 0 else "top")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(delta)))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("ΔR")
+    ax.set_title(f"{report['model']}: ΔR = R̃({report['reference_pair']}) − R̃({report['pair']})"
+                 if report["probe"]["sign"] == "hi_minus_lo" else
+                 f"{report['model']}: ΔR = R̃({report['pair']}) − R̃({report['reference_pair']})", fontsize=9)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:red", label="TAL (amplified)"), Patch(color="tab:blue", label="LIL (inhibited)"),
+                       Patch(facecolor="white", edgecolor="black", hatch="//", label="modulated")], fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
+    """Probe the base model, select TAL/LIL with the `method=ladm` knobs, write json and png."""
+    from ladm.methods.ladm import Selection
+
+    check_probe_cfg(cfg)
+    selection = Selection.from_cfg(cfg)
+    reference_pair_cfg(cfg)
+    check_model_path(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, tokenizer)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    report = delta_r_report(measure_relevance(model, tokenizer, cfg), cfg.probe, selection)
+    write_json_atomic(out_dir / "delta_r.json", report)
+    plot_delta_r(report, out_dir / "delta_r.png")
+    log.info("ΔR %s vs %s: TAL %s, LIL %s → %s", report["reference_pair"], report["pair"], report["tal"],
+             report["lil"], out_dir / "delta_r.json")
+    return report
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="probe", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_probe(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except LadmError as err:
+        print(f"ladm-probe: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except LadmError as err:
+        print(f"ladm-probe: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""ΔR probe: R against independent computations; selection tables (METHODS.md §1–§2)."""
+
+import pytest
+import torch
+from torch import nn
+
+from ladm.activations import LayerRelevance, activation_disparity, layer_relevance, normalise
+from ladm.data import render_prompt
+from ladm.methods.ladm import Selection
+from ladm.models import load_model, load_tokenizer
+from ladm.probe import probe_key
+
+
+@pytest.fixture
+def tiny(make_cfg):
+    cfg = make_cfg()
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, tokenizer).eval()
+    texts = [render_prompt(s, cfg.pair) for s in ["你好", "今天天气很好，我们去公园散步吧。", "他在读一本很长的书。", "一"]]
+    return model, tokenizer, tokenizer(texts).input_ids
+
+
+def relevance_from_hidden_states(model, token_ids) -> torch.Tensor:
+    """Independent R: unpadded sentences one by one, differences of `output_hidden_states`
+    (the final norm swapped for identity so the last entry is the last layer's raw output)."""
+    final_norm, model.model.norm = model.model.norm, nn.Identity()
+    try:
+        per_sentence = []
+        with torch.no_grad():
+            for ids in token_ids:
+                states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+                per_sentence.append(torch.stack([(states[l + 1] - states[l]).abs().sum(-1).mean()
+                                                 for l in range(len(states) - 1)]))
+    finally:
+        model.model.norm = final_norm
+    return torch.stack(per_sentence).mean(0).double()
+
+
+def test_streamed_relevance_equals_whole_set_computation(tiny):
+    model, tokenizer, ids = tiny
+    streamed = layer_relevance(model, ids, tokenizer.pad_token_id, batch_size=3)
+    torch.testing.assert_close(streamed, relevance_from_hidden_states(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_size_and_padding_side_do_not_change_r(tiny):
+    model, tokenizer, ids = tiny
+    one = layer_relevance(model, ids, tokenizer.pad_token_id, batch_size=1)
+    left = layer_relevance(model, ids, tokenizer.pad_token_id, batch_size=4)
+    width = max(map(len, ids))
+    right_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids])
+    right_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+    relevance = LayerRelevance(model)
+    with relevance.hooked():
+        relevance.add_batch(model, right_ids, right_mask)
+    torch.testing.assert_close(left, one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(relevance.relevance, one, rtol=1e-5, atol=1e-5)
+
+
+def test_identity_layer_has_zero_relevance(tiny):
+    model, tokenizer, ids = tiny
+    layer = model.model.layers[2]
+    with torch.no_grad():  # no attention or MLP contribution: the residual passes unchanged
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    relevance = layer_relevance(model, ids, tokenizer.pad_token_id, batch_size=2)
+    assert relevance[2] == 0
+    assert (relevance[[0, 1, 3]] > 0).all()
+
+
+class ToyLayer(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, hidden_states, **kwargs):
+        return (self.fn(hidden_states),)
+
+
+class ToyLM(nn.Module):
+    """Two layers: x + [1, -2], then 3·x; embeddings are given by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding.from_pretrained(torch.tensor([[0.0, 0.0], [1.0, 2.0], [-1.0, 0.5]]))
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([ToyLayer(lambda x: x + torch.tensor([1.0, -2.0])), ToyLayer(lambda x: 3 * x)])
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        x = self.embed(input_ids)
+        for layer in self.model.layers:
+            x = layer(x)[0]
+        return x
+
+
+def test_hand_computed_relevance_on_two_layer_toy():
+    # Layer 0 adds [1, -2]: L1 change 3 on every token. Layer 1 maps y to 3y: change 2·|y|_1.
+    # Sentence A = tokens (1, 2): y = [2, 0], [0, -1.5] → |y|_1 = 2, 1.5 → token mean 2·1.75 = 3.5
+    # Sentence B = token (1):     y = [2, 0]            → 2·2 = 4.      R = [3, (3.5 + 4)/2 = 3.75]
+    relevance = layer_relevance(ToyLM(), [[1, 2], [1]], pad_token_id=0, batch_size=2)
+    torch.testing.assert_close(relevance, torch.tensor([3.0, 3.75], dtype=torch.float64))
+
+
+def test_normalisations_and_sign():
+    r_hi, r_lo = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])
+    torch.testing.assert_close(activation_disparity(r_hi, r_lo, "sum"), torch.tensor([-0.25, 0.25]))
+    torch.testing.assert_close(activation_disparity(r_hi, r_lo, "none", "lo_minus_hi"), torch.tensor([1.0, -1.0]))
+    z = normalise(torch.tensor([1.0, 2.0, 3.0]), "zscore")
+    torch.testing.assert_close(z, torch.tensor([-1.0, 0.0, 1.0]))
+
+
+DELTA = [0.30, -0.20, 0.05, -0.40, 0.10, 0.0]
+
+
+def selection(**changes) -> Selection:
+    fields = dict(tau_tal=0.0, tau_lil=0.0, select="all", k_tal=2, k_lil=2, ratio_tal=0.25, ratio_lil=0.25,
+                  alpha=0.5, beta=0.5, variant="signed", m_min=0.0, m_max=2.0)
+    return Selection(**(fields | changes))
+
+
+@pytest.mark.parametrize("changes,tal,lil,selected_tal,selected_lil,multipliers", [
+    ({}, [0, 2, 4], [1, 3], [0, 2, 4], [1, 3], [1.5, 0.5, 1.5, 0.5, 1.5, 1.0]),
+    ({"tau_tal": 0.08, "tau_lil": 0.25}, [0, 4], [3], [0, 4], [3], [1.5, 1, 1, 0.5, 1.5, 1]),
+    ({"select": "topk", "k_tal": 1, "k_lil": 1}, [0, 2, 4], [1, 3], [0], [3], [1.5, 1, 1, 0.5, 1, 1]),
+    ({"select": "topk", "k_tal": 0, "k_lil": 2, "beta": 1.0}, [0, 2, 4], [1, 3], [], [1, 3], [1, 0, 1, 0, 1, 1]),
+    ({"select": "ratio", "ratio_tal": 0.34, "ratio_lil": 0.0}, [0, 2, 4], [1, 3], [0, 4], [], [1.5, 1, 1, 1, 1.5, 1]),
+    ({"variant": "proportional", "alpha": 1.0, "beta": 1.0}, [0, 2, 4], [1, 3], [0, 2, 4], [1, 3],
+     [1.75, 0.5, 1.125, 0.0, 1.25, 1.0]),
+    ({"variant": "proportional", "alpha": 4.0, "beta": 0.5, "m_max": 2.0, "m_min": 0.1}, [0, 2, 4], [1, 3],
+     [0, 2, 4], [1, 3], [2.0, 0.75, 1.5, 0.5, 2.0, 1.0]),
+])
+def test_selection_table(changes, tal, lil, selected_tal, selected_lil, multipliers):
+    chosen = selection(**changes)(DELTA)
+    assert chosen["tal"] == tal and chosen["lil"] == lil
+    assert chosen["selected_tal"] == selected_tal and chosen["selected_lil"] == selected_lil
+    assert chosen["multipliers"] == pytest.approx(multipliers)
+
+
+def test_zero_strength_is_identity():
+    assert selection(alpha=0.0, beta=0.0)(DELTA)["multipliers"] == [1.0] * len(DELTA)
+
+
+def test_probe_cache_key_ignores_what_does_not_change_r(make_cfg):
+    base = probe_key(make_cfg("method=ladm"))
+    assert probe_key(make_cfg("method=ladm", "strength=s1", "probe.normalisation=zscore")) == base
+    assert probe_key(make_cfg("method=ladm", "probe.n_sentences=10")) != base
+    assert probe_key(make_cfg("method=ladm", "pair=zh-km")) != base
