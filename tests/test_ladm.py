@@ -1,0 +1,160 @@
+"""LaDM modulation against plain LoRA from the same seed (METHODS.md §2), end to end, bad input."""
+
+import json
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from ladm import LadmError
+from ladm.methods import build_method
+from ladm.methods.ladm import layer_of
+from ladm.models import load_model, load_tokenizer
+from ladm.train import main, run
+
+# ΔR = R_hi − R_lo (normalisation none) = [0.3, -0.2, 0.05, -0.4]; top-1 per side, alpha = 1, beta = 1
+# → m = [2, 1, 1, 0]: amplified, untouched ×2, frozen.
+R_HI, R_LO = [1.3, 0.8, 1.05, 0.6], [1.0, 1.0, 1.0, 1.0]
+MULTIPLIERS = [2.0, 1.0, 1.0, 0.0]
+
+
+@pytest.fixture
+def delta_r_file(tmp_path):
+    path = tmp_path / "delta_r.json"
+    path.write_text(json.dumps({"model": "tiny-llama", "n_layers": 4, "reference_pair": "zh-en", "pair": "zh-lo",
+                                "n_sentences": 8, "R_hi": R_HI, "R_lo": R_LO}))
+    return path
+
+
+def ladm_overrides(delta_r_file, mode="step", strength="s1"):
+    return ["method=ladm", f"method.delta_r_path={delta_r_file}", "probe.normalisation=none", "method.select=topk",
+            "method.k_tal=1", "method.k_lil=1", f"strength={strength}", f"method.mode={mode}"]
+
+
+def trained_lora_weights(make_cfg, files_overrides, tmp_path, name, *overrides, steps=1):
+    """Adapter weights after `steps` optimizer steps (no dropout, no warm-up, no clipping)."""
+    cfg = make_cfg("train.max_steps=%d" % steps, "train.batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0",
+                   "train.scheduler=constant", "train.max_grad_norm=1e9", "method.dropout=0.0",
+                   "eval.max_new_tokens=2", "eval.max_samples=1", *files_overrides, *overrides)
+    out = tmp_path / name
+    run(cfg, out)
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def per_layer(weights, kind):
+    return {name: tensor for name, tensor in weights.items() if f"lora_{kind}" in name}
+
+
+def test_step_mode_scales_the_first_adamw_update_by_m(make_cfg, files_overrides, tmp_path, delta_r_file):
+    lora = trained_lora_weights(make_cfg, files_overrides, tmp_path, "lora", "method=lora")
+    ladm = trained_lora_weights(make_cfg, files_overrides, tmp_path, "ladm", *ladm_overrides(delta_r_file))
+    for name, b_lora in per_layer(lora, "B").items():
+        m = MULTIPLIERS[layer_of(name)]
+        assert b_lora.abs().sum() > 0
+        torch.testing.assert_close(ladm[name], m * b_lora, rtol=1e-4, atol=0)
+    for name, a_lora in per_layer(lora, "A").items():  # B = 0 at step 0, so A receives no gradient yet
+        assert torch.equal(ladm[name], a_lora)
+
+
+def test_grad_mode_under_adamw_leaves_the_step_unchanged(make_cfg, files_overrides, tmp_path, delta_r_file):
+    """Documented: Adam normalises the gradient scale away, so `grad` mode is (nearly) inert."""
+    lora = trained_lora_weights(make_cfg, files_overrides, tmp_path, "lora", "method=lora")
+    grad = trained_lora_weights(make_cfg, files_overrides, tmp_path, "grad", *ladm_overrides(delta_r_file, "grad"))
+    for name, b_lora in per_layer(lora, "B").items():
+        m = MULTIPLIERS[layer_of(name)]
+        if m != 0.0:  # a zero gradient is the one scale Adam cannot undo
+            # equal up to Adam's ε (it matters only for elements whose gradient is ~ε) ...
+            assert (grad[name] - b_lora).norm() < 1e-2 * b_lora.norm()
+        if m == 2.0:  # ... and nowhere near the intended 2× step
+            assert (grad[name] - 2 * b_lora).norm() > 0.4 * (2 * b_lora).norm()
+
+
+def test_grad_and_step_coincide_under_sgd(make_cfg, files_overrides, tmp_path, delta_r_file):
+    sgd = ("train.optimizer=sgd", "train.lr=0.5")
+    step = trained_lora_weights(make_cfg, files_overrides, tmp_path, "step", *ladm_overrides(delta_r_file, "step"),
+                                *sgd, steps=3)
+    grad = trained_lora_weights(make_cfg, files_overrides, tmp_path, "grad", *ladm_overrides(delta_r_file, "grad"),
+                                *sgd, steps=3)
+    initial = trained_lora_weights(make_cfg, files_overrides, tmp_path, "lora", "method=lora", *sgd, steps=1)
+    assert step.keys() == grad.keys()
+    for name in step:
+        torch.testing.assert_close(step[name], grad[name], rtol=1e-6, atol=1e-9)
+    frozen = [n for n in step if layer_of(n) == 3]
+    # one step moves no A (B starts at 0), so `initial` holds A's initialisation
+    assert all(torch.equal(step[n], initial[n]) for n in frozen if "lora_A" in n)
+    assert all(step[n].abs().sum() == 0 for n in frozen if "lora_B" in n)  # B never leaves zero
+
+
+def test_strength_zero_reproduces_lora_exactly(make_cfg, files_overrides, tmp_path, delta_r_file):
+    lora = trained_lora_weights(make_cfg, files_overrides, tmp_path, "lora", "method=lora", steps=3)
+    ladm = trained_lora_weights(make_cfg, files_overrides, tmp_path, "s0", *ladm_overrides(delta_r_file, strength="s0"),
+                                steps=3)
+    assert lora.keys() == ladm.keys() and all(torch.equal(lora[n], ladm[n]) for n in lora)
+
+
+def test_forward_mode_scales_lora_output_and_survives_reload(make_cfg, delta_r_file, tmp_path):
+    cfg = make_cfg(*ladm_overrides(delta_r_file, "forward"))
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = build_method(cfg).prepare_model(load_model(cfg.model, tokenizer), tokenizer)
+    base_scaling = cfg.method.alpha / cfg.method.r
+    for name, module in model.named_modules():
+        if name.endswith("q_proj") and hasattr(module, "scaling"):
+            assert module.scaling["default"] == pytest.approx(MULTIPLIERS[layer_of(name + ".")] * base_scaling)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_model(cfg.model, tokenizer), tmp_path / "adapter")
+    scalings = {n: m.scaling["default"] for n, m in reloaded.named_modules() if n.endswith("q_proj") and hasattr(m, "scaling")}
+    assert sorted(scalings.values()) == pytest.approx(sorted(m * base_scaling for m in MULTIPLIERS))
+
+
+def test_ladm_end_to_end_probes_trains_and_saves_a_peft_adapter(make_cfg, files_overrides, tmp_path, monkeypatch):
+    import ladm.probe
+
+    calls = []
+    original = ladm.probe.layer_relevance
+    monkeypatch.setattr(ladm.probe, "layer_relevance", lambda *a, **k: calls.append(1) or original(*a, **k))
+    common = ("method=ladm", "probe.n_sentences=8", "probe.batch_size=4", "train.max_steps=3", "train.log_every=1",
+              "logger=wandb", "eval.max_new_tokens=4", *files_overrides)
+    results = run(make_cfg(*common), tmp_path / "a")
+    assert len(calls) == 2  # reference and target pair
+    details = results["method_details"]
+    assert len(details["multipliers"]) == 4 and details["mode"] == "step"
+    assert set(details["selected_tal"]) <= set(details["tal"]) and set(details["selected_lil"]) <= set(details["lil"])
+    assert all(m == 1.5 for l, m in enumerate(details["multipliers"]) if l in details["selected_tal"])
+    written = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert written["method_details"]["multipliers"] == details["multipliers"]
+
+    from test_tracking import read_wandb_records
+
+    history, _, config = read_wandb_records(tmp_path / "a")
+    assert {"grad_norm/tal", "grad_norm/lil", "grad_norm/other"} <= set(history[0])
+    assert config["method_details"]["multipliers"] == details["multipliers"]
+
+    tokenizer = load_tokenizer(make_cfg().model, make_cfg().cache_dir)
+    PeftModel.from_pretrained(load_model(make_cfg().model, tokenizer), tmp_path / "a" / "adapter")
+
+    run(make_cfg(*common, "strength=s1"), tmp_path / "b")  # a strength sweep reuses the cached ΔR
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["pair=zh-en"], "is the reference pair itself"),
+    (["strength.beta=1.5"], "strength.beta must lie in [0, 1]"),
+    (["strength.alpha=-0.1"], "strength.alpha must be ≥ 0"),
+    (["method.tau_tal=-0.01"], "method.tau_tal must be ≥ 0"),
+    (["method.k_tal=9"], "exceed the model's 4 layers"),
+    (["method.mode=sideways"], "method.mode must be one of"),
+])
+def test_bad_ladm_input_is_one_line(monkeypatch, capsys, tmp_path, overrides, message):
+    from test_bad_input import cli_error
+
+    assert message in cli_error(monkeypatch, capsys, tmp_path, "method=ladm", *overrides)
+
+
+@pytest.mark.parametrize("field,value", [("n_layers", 32), ("model", "qwen2.5-7b")])
+def test_delta_r_from_another_model_is_rejected(make_cfg, delta_r_file, field, value):
+    data = json.loads(delta_r_file.read_text()) | {field: value}
+    delta_r_file.write_text(json.dumps(data))
+    with pytest.raises(LadmError, match=f"measured with {field}="):
+        build_method(make_cfg(*ladm_overrides(delta_r_file)))
