@@ -1,5 +1,6 @@
 """ladm: LaDM and baselines for low-resource machine translation."""
 
+import hashlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -10,6 +11,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # `${repo_root:}` in conf/ points at the checkout, so shipped data resolves from any cwd.
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+
+
+def job_dirname(overrides: str) -> str:
+    """A sweep job's folder from its overrides: one level deep, and short enough for any filesystem."""
+    name = overrides.replace("/", "%") or "default"
+    return name if len(name) <= 120 else f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+
+
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
 
 class LadmError(Exception):

@@ -1,0 +1,32 @@
+"""Every sweep preset runs as a Hydra multirun (CI-sized) and every job leaves a results.json."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ladm import REPO_ROOT
+
+CI_SIZE = ["train.max_steps=2", "train.batch_size=4", "data.max_train_samples=16", "eval.max_samples=2",
+           "eval.max_new_tokens=4", "eval.metrics=[chrf++]", "probe.n_sentences=4", "logger=none"]
+
+
+@pytest.mark.parametrize("experiment,narrowing,n_jobs", [
+    ("demo", [], 2),
+    ("ladm_vs_lora", ["pair=zh-lo,zh-km"], 4),
+    ("strength_sweep", ["pair=zh-lo"], 4),
+    ("threshold_ablation", ["method.tau_lil=0.0", "method.k_tal=1,4", "method.k_lil=1"], 4),
+])
+def test_experiment_multirun(tmp_path, cache_dir, experiment, narrowing, n_jobs):
+    sweep_dir = tmp_path / experiment
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladm.train", "--multirun", f"experiment={experiment}", *CI_SIZE, *narrowing,
+         f"cache_dir={cache_dir}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
+    assert len(results) == n_jobs and all(r["status"] == "complete" for r in results)
+    assert len({json.dumps(r["config"], sort_keys=True) for r in results}) == n_jobs  # distinct jobs
