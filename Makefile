@@ -7,7 +7,7 @@ CONSTRAINTS := $(VENV)/constraints.txt
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench clean
+.PHONY: help install test lint demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -25,12 +25,16 @@ $(STAMP): pyproject.toml
 test: $(STAMP) ## run the test suite (offline, CPU, a few minutes)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
 
+lint: $(STAMP) ## ruff over ladm/, tests/ and benchmarks/
+	$(VENV)/bin/ruff check ladm tests benchmarks
+
 demo: $(STAMP) ## the main job: tiny-llama zh→lo, zero_shot vs lora, offline on CPU
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun experiment=demo
 	$(VENV)/bin/ladm-report multirun/demo
 
 bench: $(STAMP) ## speed benchmarks (ratios measured in one process)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_eval.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_ladm.py
 
 clean: ## remove run outputs (keeps $(VENV))
 	rm -rf multirun outputs wandb

@@ -15,10 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from ladm import CONFIG_DIR  # noqa: E402
 from ladm.data import read_split, render_prompt  # noqa: E402
 from ladm.evaluate import first_line, translate  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
-from ladm.train import CONFIG_DIR  # noqa: E402
 
 
 @torch.no_grad()
@@ -36,12 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--sentences", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}"])
+    args.batch_size = args.batch_size or cfg.eval.batch_size
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, tokenizer).eval()
     corpus = read_split(cfg.data.test, cfg.pair.name).head(args.sentences)
@@ -55,7 +56,7 @@ def main() -> None:
         start = time.perf_counter()
         single = one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)
         timings["single"].append(time.perf_counter() - start)
-    agree = sum(a == b for a, b in zip(batched, single)) / len(prompts)
+    agree = sum(a == b for a, b in zip(batched, single, strict=True)) / len(prompts)
     best = {k: min(v) for k, v in timings.items()}
     print(f"model={args.model} sentences={len(prompts)} batch_size={args.batch_size} "
           f"max_new_tokens={args.max_new_tokens} threads={torch.get_num_threads()}")

@@ -2,8 +2,9 @@
 
 (a) a `ladm` training step against a `lora` training step (target ≤ 1.02),
 (b) the ΔR probe against a plain no-grad forward pass over the same batches (target ≤ 1.10),
-(c) peak memory of the two trainings (target ≤ 1.02; CUDA max_memory_allocated, or
-    tracemalloc-free RSS growth on CPU is too noisy, so CPU reports the parameter+grad+state bytes).
+(c) peak memory of the two trainings (target ≤ 1.02): CUDA max_memory_allocated on a GPU; on CPU,
+    where torch keeps no peak counter, the bytes of parameters + gradients + optimizer state
+    (activations are the same forward pass for both).
 
     python benchmarks/bench_ladm.py [--model tiny-llama] [--steps 20] [--rounds 5]
 """
@@ -20,12 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from ladm import CONFIG_DIR  # noqa: E402
 from ladm.activations import LayerRelevance  # noqa: E402
 from ladm.data import collate, encode_examples, read_split  # noqa: E402
 from ladm.evaluate import left_pad  # noqa: E402
 from ladm.methods import build_method  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
-from ladm.train import CONFIG_DIR  # noqa: E402
 from ladm.trainer import target_token_loss_sum  # noqa: E402
 
 

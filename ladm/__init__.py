@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 __version__ = "0.1.0"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "conf"
 
 # `${repo_root:}` in conf/ points at the checkout, so shipped data resolves from any cwd.
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)

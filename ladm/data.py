@@ -102,7 +102,7 @@ def encode_examples(corpus: ParallelCorpus, pair_cfg: DictConfig, tokenizer, max
     """
     truncated = 0
     examples = []
-    for src, tgt in zip(corpus.src, corpus.tgt):
+    for src, tgt in zip(corpus.src, corpus.tgt, strict=True):
         prompt_ids = tokenizer(render_prompt(src, pair_cfg, tokenizer, chat_template)).input_ids
         target_ids = tokenizer(" " + tgt, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         room = max_length - len(prompt_ids)

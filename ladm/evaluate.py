@@ -43,7 +43,7 @@ def translate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tok
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 generation_config=generation, tokenizer=tokenizer)
         texts = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
-        for i, text in zip(index, texts):
+        for i, text in zip(index, texts, strict=True):
             hypotheses[i] = first_line(text)
     model.train(was_training)
     return hypotheses

@@ -119,7 +119,7 @@ class Scorer:
         from comet import load_from_checkpoint
 
         model = load_from_checkpoint(str(self.comet_ckpt), local_files_only=True)
-        samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references)]
+        samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references, strict=True)]
         output = model.predict(samples, batch_size=self.eval_cfg.comet.batch_size,
                                gpus=1 if torch.cuda.is_available() else 0, num_workers=0, progress_bar=True)
         return float(output.system_score)

@@ -9,20 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ladm import LadmError
+from ladm import CONFIG_DIR, LadmError
 from ladm.activations import activation_disparity, layer_relevance, normalise
+from ladm.cli import cli_main
 from ladm.data import read_split, render_prompt
 from ladm.files import write_json_atomic
 from ladm.models import check_model_path, load_model, load_tokenizer
-from ladm.train import CONFIG_DIR, check_group_choices
 
 log = logging.getLogger("ladm.probe")
 PROBE_CHOICES = {"split": ("train", "test"), "input": ("prompt", "prompt+reference"),
@@ -60,7 +57,7 @@ def probe_inputs(cfg: DictConfig, tokenizer) -> list[list[int]]:
     corpus = read_split(split, cfg.pair.name).head(cfg.probe.n_sentences)
     texts = [render_prompt(s, cfg.pair, tokenizer, cfg.model.chat_template) for s in corpus.src]
     if cfg.probe.input == "prompt+reference":
-        texts = [f"{text} {ref}" for text, ref in zip(texts, corpus.tgt)]
+        texts = [f"{text} {ref}" for text, ref in zip(texts, corpus.tgt, strict=True)]
     return tokenizer(texts).input_ids
 
 
@@ -168,22 +165,7 @@ def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
     return report
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="probe", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_probe(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except LadmError as err:
-        print(f"ladm-probe: error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    try:
-        check_group_choices(sys.argv[1:])
-    except LadmError as err:
-        print(f"ladm-probe: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = cli_main("ladm-probe", "probe", run_probe)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 
-import hydra
-import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from ladm import REPO_ROOT, LadmError
+from ladm import LadmError
+from ladm.cli import cli_main
 from ladm.data import encode_examples, read_split, render_prompt
 from ladm.distributed import DistEnv
 from ladm.evaluate import translate
@@ -31,7 +28,6 @@ from ladm.tracking import Tracker
 from ladm.trainer import OPTIMIZERS, fit
 
 log = logging.getLogger("ladm.train")
-CONFIG_DIR = REPO_ROOT / "conf"
 VERSIONED = ("torch", "transformers", "peft", "sacrebleu", "unbabel-comet", "hydra-core", "wandb", "ladm")
 
 
@@ -126,42 +122,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     return results | {"losses": train_stats.get("losses", [])}
 
 
-def check_group_choices(overrides: list[str]) -> None:
-    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir() if p.is_dir()}
-    candidates = [a for a in overrides if "=" in a and not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(candidates)
-    except Exception:  # noqa: BLE001 - let Hydra report malformed overrides itself
-        return
-    for override in parsed:
-        group = override.key_or_group.lstrip("+")
-        if group not in groups or override.is_delete() or group == "hydra":
-            continue
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
-        for value in values:
-            if str(value) not in groups[group]:
-                raise LadmError(f"unknown {group} '{value}': choose one of {', '.join(groups[group])}")
-
-
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except LadmError as err:
-        print(f"ladm-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    try:
-        check_group_choices(sys.argv[1:])
-    except LadmError as err:
-        print(f"ladm-train: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = cli_main("ladm-train", "config", run)
 
 
 if __name__ == "__main__":

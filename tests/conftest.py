@@ -13,7 +13,7 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offl
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from ladm.train import CONFIG_DIR  # noqa: E402
+from ladm import CONFIG_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ladm.train import CONFIG_DIR
+from ladm import CONFIG_DIR
 
 GROUPS = ["model", "pair", "method", "data", "train", "eval", "logger"]
 LADM_PAIRS = ["zh-lo", "zh-km", "zh-my", "zh-th", "zh-vi", "zh-id", "zh-ms", "zh-en"]

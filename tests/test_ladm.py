@@ -1,7 +1,6 @@
 """LaDM modulation against plain LoRA from the same seed (METHODS.md §2), end to end, bad input."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from ladm import LadmError
 from ladm.methods import build_method
 from ladm.methods.ladm import layer_of
 from ladm.models import load_model, load_tokenizer
-from ladm.train import main, run
+from ladm.train import run
 
 # ΔR = R_hi − R_lo (normalisation none) = [0.3, -0.2, 0.05, -0.4]; top-1 per side, alpha = 1, beta = 1
 # → m = [2, 1, 1, 0]: amplified, untouched ×2, frozen.
@@ -35,7 +34,7 @@ def ladm_overrides(delta_r_file, mode="step", strength="s1"):
 
 def trained_lora_weights(make_cfg, files_overrides, tmp_path, name, *overrides, steps=1):
     """Adapter weights after `steps` optimizer steps (no dropout, no warm-up, no clipping)."""
-    cfg = make_cfg("train.max_steps=%d" % steps, "train.batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0",
+    cfg = make_cfg(f"train.max_steps={steps}", "train.batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0",
                    "train.scheduler=constant", "train.max_grad_norm=1e9", "method.dropout=0.0",
                    "eval.max_new_tokens=2", "eval.max_samples=1", *files_overrides, *overrides)
     out = tmp_path / name

@@ -113,7 +113,7 @@ def test_official_checksum_is_what_earns_the_spbleu_label(sacrebleu_dir, monkeyp
 def test_comet_through_real_predict_path(tiny_comet):
     checkpoint_dir, reference_model = tiny_comet
     scores, _ = Scorer.preflight(eval_cfg(metrics=["comet"], comet={"model": str(checkpoint_dir)})).score(SRC, HYP, REF)
-    samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(SRC, HYP, REF)]
+    samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(SRC, HYP, REF, strict=True)]
     expected = reference_model.predict(samples, batch_size=2, gpus=0, num_workers=0, progress_bar=False)
     assert scores["comet"] == pytest.approx(expected.system_score, abs=1e-5)
 

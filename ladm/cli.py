@@ -1,0 +1,58 @@
+"""Hydra entry points that report user errors (`LadmError`) as one line with exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ladm import CONFIG_DIR, LadmError
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    candidates = [a for a in overrides if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except Exception:  # noqa: BLE001 - let Hydra report malformed overrides itself
+        return
+    for override in parsed:
+        group = override.key_or_group.lstrip("+")
+        if group not in groups or override.is_delete() or group == "hydra":
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            if str(value) not in groups[group]:
+                raise LadmError(f"unknown {group} '{value}': choose one of {', '.join(groups[group])}")
+
+
+def _fail(prog: str, err: LadmError) -> None:
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], object]) -> Callable[[], None]:
+    """`main()` for a console script: validate group names, compose `conf/<config_name>`, run `task`."""
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
+    def hydra_main(cfg: DictConfig) -> None:
+        try:
+            task(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except LadmError as err:
+            _fail(prog, err)
+
+    def main() -> None:
+        try:
+            check_group_choices(sys.argv[1:])
+        except LadmError as err:
+            _fail(prog, err)
+        hydra_main()
+
+    return main
