@@ -71,3 +71,12 @@ def test_tsv_and_jsonl_readers(tmp_path):
     jsonl = read_split(OmegaConf.create({"format": "jsonl", "path": str(tmp_path / "d.jsonl"),
                                          "src_key": "zh", "tgt_key": "en"}), "zh-en")
     assert tsv.src == jsonl.src == ["一", "二"] and tsv.tgt == jsonl.tgt == ["one", "two"]
+
+
+def test_ntrex128_config_reads_crlf_test_files(make_cfg, tmp_path):
+    (tmp_path / "newstest2019-ref.zho-CN.txt").write_bytes("一\r\n二\r\n".encode())
+    (tmp_path / "newstest2019-ref.khm.txt").write_bytes("មួយ\r\nពីរ\r\n".encode())
+    cfg = make_cfg("data=ntrex128", "pair=zh-km", f"data.ntrex_root={tmp_path}")
+    corpus = read_split(cfg.data.test, cfg.pair.name)
+    assert corpus.src == ["一", "二"] and corpus.tgt == ["មួយ", "ពីរ"]
+    assert cfg.data.train.src.endswith("dev/zho_Hans.dev")  # trains on the shipped FLORES-200 dev

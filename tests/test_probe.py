@@ -144,3 +144,35 @@ def test_probe_cache_key_ignores_what_does_not_change_r(make_cfg):
     assert probe_key(make_cfg("method=ladm", "strength=s1", "probe.normalisation=zscore")) == base
     assert probe_key(make_cfg("method=ladm", "probe.n_sentences=10")) != base
     assert probe_key(make_cfg("method=ladm", "pair=zh-km")) != base
+
+
+def test_ladm_probe_cli_on_a_local_model_directory(make_cfg, tmp_path, cache_dir):
+    """`ladm-probe` on any HF causal LM directory (here a tiny Qwen2 saved to disk)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ladm import REPO_ROOT
+
+    cfg = make_cfg("model=tiny-qwen2")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    load_model(cfg.model, tokenizer).save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "probe"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladm.probe", "model=qwen2.5-7b", f"model.path={tmp_path / 'qwen'}", "model.dtype=float32",
+         "pair=zh-th", "probe.n_sentences=6", "probe.batch_size=4", "method.k_tal=1", "method.k_lil=1",
+         f"cache_dir={cache_dir}", f"hydra.run.dir={out}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "delta_r.json").read_text())
+    for key in ("model", "reference_pair", "pair", "n_sentences", "R_hi", "R_lo", "R_hi_norm", "R_lo_norm",
+                "delta_r", "tal", "lil", "multipliers", "probe"):
+        assert key in report, key
+    assert report["pair"] == "zh-th" and report["reference_pair"] == "zh-en" and report["n_sentences"] == 6
+    assert len(report["delta_r"]) == 4 and len(report["selected_tal"]) <= 1
+    expected = activation_disparity(torch.tensor(report["R_hi"]), torch.tensor(report["R_lo"]), "sum")
+    torch.testing.assert_close(torch.tensor(report["delta_r"]), expected)
+    assert (out / "delta_r.png").read_bytes()[:4] == b"\x89PNG"

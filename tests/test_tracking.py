@@ -29,7 +29,7 @@ def read_wandb_records(run_dir) -> tuple[list[dict], dict, dict]:
 
 
 def test_offline_wandb_run_holds_loss_lr_and_metrics(make_cfg, files_overrides, tmp_path):
-    cfg = make_cfg("logger=wandb", "name=wandb-test", "train.max_steps=4", "train.log_every=1",
+    cfg = make_cfg("logger=wandb", "name=wandb-test", "train.max_steps=4", "train.log_every=1", "train.eval_every=2",
                    "eval.max_new_tokens=8", *files_overrides)
     results = run(cfg, tmp_path)
     history, summary, config = read_wandb_records(tmp_path)
@@ -37,4 +37,6 @@ def test_offline_wandb_run_holds_loss_lr_and_metrics(make_cfg, files_overrides, 
     assert losses == results["losses"]
     assert all("train/lr" in row for row in history if "train/loss" in row)
     assert summary["zh-lo/chrf++"] == results["metrics"]["zh-lo"]["chrf++"]
+    periodic = [row for row in history if "eval/chrf++" in row]
+    assert len(periodic) == 2  # at step 2 (train.eval_every) and at the end
     assert config["method"]["name"] == "lora" and config["name"] == "wandb-test"
