@@ -7,18 +7,21 @@ CONSTRAINTS := $(VENV)/constraints.txt
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo bench clean
+.PHONY: help install test lint demo train-ddp bench clean
+
+NPROC ?= 2
+ARGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create $(VENV) and install ladm[dev] (torch first, then pinned)
+install: $(STAMP) ## create $(VENV) and install ladm[dev,slurm] (torch first, then pinned)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) freeze | grep -i '^torch==' > $(CONSTRAINTS)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,slurm]"
 	$(PIP) check
 	touch $(STAMP)
 
@@ -31,6 +34,9 @@ lint: $(STAMP) ## ruff over ladm/, tests/ and benchmarks/
 demo: $(STAMP) ## the main job: tiny-llama zh→lo, zero_shot vs lora, offline on CPU
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun experiment=demo
 	$(VENV)/bin/ladm-report multirun/demo
+
+train-ddp: $(STAMP) ## data-parallel training on this box: make train-ddp NPROC=8 ARGS="model=qwen2.5-7b ..."
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m ladm.train $(ARGS)
 
 bench: $(STAMP) ## speed benchmarks (ratios measured in one process)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_eval.py

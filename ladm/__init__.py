@@ -23,5 +23,14 @@ def job_dirname(overrides: str) -> str:
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
 
+def _run_stamp() -> str:
+    from ladm.distributed import run_stamp
+
+    return run_stamp()
+
+
+OmegaConf.register_new_resolver("run_stamp", _run_stamp, use_cache=True, replace=True)
+
+
 class LadmError(Exception):
     """A user error: printed as one line, before any heavy work, with a non-zero exit."""

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from ladm import CONFIG_DIR, LadmError
+from ladm.files import write_json_atomic
+
+log = logging.getLogger("ladm")
 
 
 def check_group_choices(overrides: list[str]) -> None:
@@ -43,10 +50,21 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def hydra_main(cfg: DictConfig) -> None:
+        hydra_cfg = HydraConfig.get()
+        out_dir = Path(hydra_cfg.runtime.output_dir)
         try:
-            task(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except LadmError as err:
-            _fail(prog, err)
+            task(cfg, out_dir)
+        except Exception as err:
+            if hydra_cfg.mode != RunMode.MULTIRUN:
+                if isinstance(err, LadmError):
+                    _fail(prog, err)
+                raise
+            # In a sweep one failed job must not stop the others: record it and go on.
+            log.error("job %s failed: %s", out_dir.name, err)
+            if int(os.environ.get("RANK", "0")) == 0:
+                write_json_atomic(out_dir / "results.json", {
+                    "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                    "config": OmegaConf.to_container(cfg, resolve=False)})
 
     def main() -> None:
         try:

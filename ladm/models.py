@@ -125,5 +125,10 @@ def num_layers(model_cfg: DictConfig) -> int:
     """The decoder layer count from the config alone (no weights loaded)."""
     if model_cfg.path is None:
         return int(model_cfg.tiny.num_hidden_layers)
-    config = AutoConfig.from_pretrained(_resolve(model_cfg.path))
+    check_model_path(model_cfg)
+    try:
+        config = AutoConfig.from_pretrained(_resolve(model_cfg.path))
+    except OSError as err:
+        raise LadmError(f"cannot read the config of {model_cfg.path}: {str(err).splitlines()[0]} "
+                        "(download the model first, or set model.path to a local directory)") from err
     return int(getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers)

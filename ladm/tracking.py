@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 class Tracker:
     """A W&B run on the main rank, or a no-op (`logger=none`, other ranks, or W&B failing)."""
 
-    def __init__(self, cfg: DictConfig, out_dir: Path, is_main: bool = True):
+    def __init__(self, cfg: DictConfig, out_dir: Path, is_main: bool = True, resume_id: str | None = None):
         self.run = None
         if cfg.logger.name == "none" or cfg.logger.mode == "disabled" or not is_main:
             return
@@ -26,13 +26,14 @@ class Tracker:
                 name=f"{cfg.method.name}-{cfg.pair.name}-{cfg.model.name}", job_type=cfg.method.name,
                 config=OmegaConf.to_container(cfg, resolve=True), mode=cfg.logger.mode, dir=str(out_dir),
                 reinit="finish_previous", settings=wandb.Settings(silent=True),
+                id=resume_id, resume="allow" if resume_id else None,
             )
         except Exception as err:  # noqa: BLE001 - tracking must never stop a run
             log.warning("W&B is unavailable, continuing without it: %s", err)
 
     @property
-    def run_dir(self) -> str | None:
-        return None if self.run is None else self.run.dir
+    def run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
 
     def config(self, values: dict[str, Any]) -> None:
         if self.run is not None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from ladm import LadmError
+from ladm.checkpoint import latest_checkpoint, load_checkpoint
 from ladm.cli import cli_main
 from ladm.data import encode_examples, read_split, render_prompt
 from ladm.distributed import DistEnv
@@ -46,30 +48,52 @@ def check_numbers(cfg: DictConfig) -> None:
             raise LadmError(f"{key} must be a positive integer or null, got {value!r}")
 
 
+def completed_results(out_dir: Path) -> dict | None:
+    """The results.json of a finished run in `out_dir`, if there is one."""
+    path = out_dir / "results.json"
+    if path.is_file():
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if results.get("status") == "complete":
+            return results
+    return None
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train and evaluate one configuration; returns what is written to `out_dir/results.json`."""
     started = time.perf_counter()
-    # Cheap checks first: numbers, data files, metric models, model path.
+    if not cfg.force and (done := completed_results(out_dir)):
+        log.info("skipping %s: results.json is complete (force=true to run it again)", out_dir)
+        return done
+    # Cheap checks first: numbers, model path, method knobs, data files, metric models.
     check_numbers(cfg)
-    method = build_method(cfg)
+    check_model_path(cfg.model)
+    dist = DistEnv.from_environment()
+    out_dir = Path(dist.broadcast(str(out_dir)))  # every rank uses rank 0's run folder
+    method = build_method(cfg, dist)
     train_corpus = read_split(cfg.data.train, cfg.pair.name).head(cfg.data.max_train_samples)
     test_corpus = read_split(cfg.data.test, cfg.pair.name).head(cfg.eval.max_samples)
     scorer = Scorer.preflight(cfg.eval)
-    check_model_path(cfg.model)
 
-    dist = DistEnv.from_environment()
     set_seed(cfg.train.seed)  # adapter initialisation is seeded too
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, tokenizer).to(dist.device)
     model = method.prepare_model(model, tokenizer)
-    tracker = Tracker(cfg, out_dir, dist.is_main)
+    checkpoint = latest_checkpoint(out_dir) if method.trains and cfg.train.resume == "auto" else None
+    resume_id = load_checkpoint(checkpoint)["wandb_id"] if checkpoint else None
+    tracker = Tracker(cfg, out_dir, dist.is_main, resume_id=resume_id)
     tracker.config({"method_details": method.describe()})
 
     prompts = [render_prompt(s, cfg.pair, tokenizer, cfg.model.chat_template) for s in test_corpus.src]
 
     def evaluate(step: int | None = None) -> tuple[list[str], dict, dict]:
-        hypotheses = translate(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                               cfg.eval.num_beams, desc=f"generate {cfg.pair.name}")
+        """Every rank translates its share of the test set; rank 0 scores the gathered whole."""
+        shard = translate(model, tokenizer, prompts[dist.rank::dist.world_size], cfg.eval.batch_size,
+                          cfg.eval.max_new_tokens, cfg.eval.num_beams, desc=f"generate {cfg.pair.name}")
+        hypotheses = [""] * len(prompts)
+        for rank, part in enumerate(dist.gather(shard)):
+            hypotheses[rank::dist.world_size] = part
+        if not dist.is_main:
+            return hypotheses, {}, {}
         metrics, signatures = scorer.score(test_corpus.src, hypotheses, test_corpus.tgt, comet=step is None)
         tracker.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step or cfg.train.max_steps)
         return hypotheses, metrics, signatures
@@ -81,15 +105,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         if truncated:
             log.warning("%d of %d training targets were truncated to train.max_length=%d",
                         truncated, len(examples), cfg.train.max_length)
-        train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker,
-                          on_eval=lambda step: evaluate(step) if dist.is_main else None)
+        train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker, out_dir,
+                          resume_from=checkpoint, on_eval=evaluate)
         train_stats |= {"n_train": len(examples), "truncated_targets": truncated}
 
-    if not dist.is_main:
-        return {}
     eval_started = time.perf_counter()
     hypotheses, metrics, signatures = evaluate()
     eval_seconds = time.perf_counter() - eval_started
+    if not dist.is_main:
+        return {}
 
     pair = cfg.pair.name
     write_lines_atomic(out_dir / "predictions" / f"{pair}.hyp", hypotheses)
@@ -108,6 +132,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "signatures": signatures,
         "skipped": scorer.skipped,
         "method_details": method.describe(),
+        "world_size": dist.world_size,
         "train": {k: v for k, v in train_stats.items() if k != "losses"},
         "timings": {"total_s": time.perf_counter() - started, "train_s": train_stats.get("seconds", 0.0),
                     "eval_s": eval_seconds},

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
 from ladm import LadmError
+from ladm.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, trainable_state
 from ladm.data import IGNORE_INDEX, Example, collate
 from ladm.distributed import DistEnv
 from ladm.methods import Method
@@ -50,12 +53,13 @@ def target_token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]
     )
 
 
-def _batches(loader: DataLoader, sampler: DistributedSampler) -> Iterator[dict]:
-    epoch = 0
+def _batches(loader: DataLoader, sampler: DistributedSampler, consumed: int = 0) -> Iterator[dict]:
+    """Endless batches, one reshuffled epoch after another, starting after `consumed` batches."""
+    epoch, skip = divmod(consumed, len(loader))
     while True:
         sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        yield from itertools.islice(loader, skip, None)
+        epoch, skip = epoch + 1, 0
 
 
 def fit(
@@ -66,19 +70,24 @@ def fit(
     train_cfg: DictConfig,
     dist: DistEnv,
     tracker: Tracker,
+    out_dir: Path,
+    resume_from: Path | None = None,
     on_eval: Callable[[int], None] | None = None,
 ) -> dict:
     """Train `model` for `train.max_steps` optimizer steps; returns losses and timings.
 
     The loss is the mean over all target tokens of the global batch (every rank, every
     accumulation micro-step), so N ranks with batch b equal one rank with batch N·b.
+    With `resume_from`, weights, optimizer, scheduler, RNG and data position are restored
+    and training continues exactly where the checkpoint was taken.
     """
     set_seed(train_cfg.seed)
     device = dist.device
     sampler = DistributedSampler(examples, num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=train_cfg.seed, drop_last=True)
+    # Its own generator: starting an epoch must not draw from the global RNG (exact resume).
     loader = DataLoader(examples, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=lambda b: collate(b, pad_token_id))
+                        collate_fn=lambda b: collate(b, pad_token_id), generator=torch.Generator().manual_seed(train_cfg.seed))
     if len(loader) == 0:
         raise LadmError(f"{len(examples)} training sentences cannot fill one batch of "
                         f"train.batch_size={train_cfg.batch_size} on {dist.world_size} rank(s)")
@@ -96,11 +105,21 @@ def fit(
     forward_model = ddp or model
     amp = autocast_dtype(train_cfg.precision, device)
 
+    first_step, losses = 1, []
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][dist.rank])
+        first_step, losses = state["step"] + 1, state["losses"]
+        log.info("resuming from %s (step %d)", resume_from, state["step"])
+
     model.train()
-    batches = _batches(loader, sampler)
-    losses: list[float] = []
+    batches = _batches(loader, sampler, consumed=(first_step - 1) * train_cfg.grad_accum)
     start = time.perf_counter()
-    progress = tqdm(range(1, train_cfg.max_steps + 1), desc="train", disable=not dist.is_main)
+    progress = tqdm(range(first_step, train_cfg.max_steps + 1), desc="train", disable=not dist.is_main,
+                    initial=first_step - 1, total=train_cfg.max_steps)
     for step in progress:
         micro_batches = [next(batches) for _ in range(train_cfg.grad_accum)]
         n_tokens = dist.all_reduce_sum(
@@ -134,6 +153,13 @@ def fit(
         if on_eval is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.max_steps:
             on_eval(step)
             model.train()
+        if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.max_steps:
+            rng = dist.gather(rng_state())
+            if dist.is_main:
+                save_checkpoint(out_dir, step, {"step": step, "losses": losses, "trainable": trainable_state(model),
+                                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                                "rng": rng, "wandb_id": tracker.run_id}, keep=train_cfg.keep_checkpoints)
+            dist.barrier()
     model.eval()
     return {"steps": train_cfg.max_steps, "losses": losses, "final_loss": losses[-1],
             "seconds": time.perf_counter() - start}

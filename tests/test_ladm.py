@@ -157,3 +157,8 @@ def test_delta_r_from_another_model_is_rejected(make_cfg, delta_r_file, field, v
     delta_r_file.write_text(json.dumps(data))
     with pytest.raises(LadmError, match=f"measured with {field}="):
         build_method(make_cfg(*ladm_overrides(delta_r_file)))
+
+
+def test_ladm_with_an_unreachable_hub_model_is_one_line(make_cfg):
+    with pytest.raises(LadmError, match="cannot read the config of nobody/absent"):
+        build_method(make_cfg("method=ladm", "model=qwen2.5-7b", "model.path=nobody/absent"))

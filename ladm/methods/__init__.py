@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ladm import LadmError
+from ladm.distributed import DistEnv
 from ladm.methods.base import Method
 from ladm.methods.ladm import LaDM
 from ladm.methods.lora import LoRA
@@ -13,12 +14,12 @@ from ladm.methods.zero_shot import ZeroShot
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, LoRA, LaDM)}
 
 
-def build_method(cfg: DictConfig) -> Method:
+def build_method(cfg: DictConfig, dist: DistEnv | None = None) -> Method:
     """The method object named by `method.name` (the full config is passed for context)."""
     name = cfg.method.name
     if name not in METHODS:
         raise LadmError(f"unknown method '{name}': choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg)
+    return METHODS[name](cfg, dist)
 
 
 __all__ = ["METHODS", "Method", "build_method"]

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 import torch
 from omegaconf import DictConfig
 
+from ladm.distributed import DistEnv
+
 
 class Method:
     """A fine-tuning method, as the trainer sees it.
@@ -21,8 +23,9 @@ class Method:
     # DDP must be told when some trainable parameters sit idle in a step (multi-adapter methods).
     find_unused_parameters: ClassVar[bool] = False
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, dist: DistEnv | None = None):
         self.cfg = cfg
+        self.dist = dist or DistEnv()
 
     def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         return model

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from peft import get_peft_model
 
 from ladm import LadmError
+from ladm.distributed import DistEnv
 from ladm.methods.lora import LoRA, lora_config
 from ladm.models import num_layers
 
@@ -113,10 +114,10 @@ class LaDM(LoRA):
 
     name = "ladm"
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, dist: DistEnv | None = None):
         from ladm.probe import check_probe_cfg, reference_pair_cfg
 
-        super().__init__(cfg)
+        super().__init__(cfg, dist)
         if cfg.method.mode not in MODES:
             raise LadmError(f"method.mode must be one of {' | '.join(MODES)}, got '{cfg.method.mode}'")
         self.selection = Selection.from_cfg(cfg)
@@ -148,7 +149,9 @@ class LaDM(LoRA):
     def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         from ladm.probe import delta_r_report, measure_relevance
 
-        measured = self.given or measure_relevance(model, tokenizer, self.cfg)
+        # Rank 0 probes; every rank then modulates with the very same ΔR.
+        measured = self.given or self.dist.broadcast(
+            measure_relevance(model, tokenizer, self.cfg) if self.dist.is_main else None)
         self.report = delta_r_report(measured, self.cfg.probe, self.selection)
         overrides = {}
         if self.cfg.method.mode == "forward":
