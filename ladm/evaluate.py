@@ -19,7 +19,9 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, to
 
 
 def first_line(text: str) -> str:
-    return text.split("\n", 1)[0].strip()
+    """The text up to its first line break (any of `str.splitlines`' separators), stripped."""
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 @torch.no_grad()
