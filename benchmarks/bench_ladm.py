@@ -73,7 +73,7 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     corpus = read_split(cfg.data.train, cfg.pair.name).head(args.batch_size * args.steps)
     examples, _ = encode_examples(corpus, cfg.pair, tokenizer, cfg.train.max_length)
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples[i:i + args.batch_size],
+    batches = [{k: v.to(device) for k, v in collate(examples[i:i + args.batch_size],
                tokenizer.pad_token_id).items()} for i in range(0, len(examples), args.batch_size)]
     runs = {name: build(c, tokenizer, device) for name, c in cfgs.items()}
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ladm import LadmError
+from ladm import CONFIG_DIR, LadmError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,19 @@ def read_split(split: DictConfig, pair: str) -> ParallelCorpus:
     raise LadmError(f"unknown data format '{fmt}': use text, tsv or jsonl")
 
 
+def pair_config(cfg: DictConfig, name: str) -> DictConfig:
+    """A copy of `cfg` with `pair` set to conf/pair/<name>.yaml, so `data.*` paths re-resolve for it."""
+    if name == cfg.pair.name:
+        return cfg
+    path = CONFIG_DIR / "pair" / f"{name}.yaml"
+    if not path.is_file():
+        raise LadmError(f"unknown pair '{name}': choose one of {', '.join(sorted(p.stem for p in path.parent.glob('*.yaml')))}")
+    copy = cfg.copy()
+    OmegaConf.set_struct(copy, False)
+    copy.pair = OmegaConf.load(path)
+    return copy
+
+
 def render_prompt(src: str, pair_cfg: DictConfig, tokenizer=None, chat_template: bool = False) -> str:
     """The shared prompt of METHODS.md §5, optionally wrapped in the tokenizer's chat template."""
     prompt = PROMPT.format(src_name=pair_cfg.src.name, tgt_name=pair_cfg.tgt.name, src=src)
@@ -89,7 +102,6 @@ def render_prompt(src: str, pair_cfg: DictConfig, tokenizer=None, chat_template:
 
 @dataclass
 class Example:
-    pair: str
     input_ids: list[int]
     labels: list[int]
 
@@ -114,12 +126,12 @@ def encode_examples(corpus: ParallelCorpus, pair_cfg: DictConfig, tokenizer, max
         if len(target_ids) > room:
             truncated += 1
             target_ids = target_ids[:room]
-        examples.append(Example(corpus.pair, prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids))
+        examples.append(Example(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids))
     return examples, truncated
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict:
-    """Right-pad a training batch of one pair; padding is masked out of attention and loss."""
+    """Right-pad a training batch; padding is masked out of attention and loss."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -129,4 +141,4 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
-    return {"pair": examples[0].pair, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

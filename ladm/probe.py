@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ladm import CONFIG_DIR, LadmError
+from ladm import LadmError
 from ladm.activations import activation_disparity, layer_relevance, normalise
 from ladm.cli import cli_main
-from ladm.data import read_split, render_prompt
+from ladm.data import pair_config, read_split, render_prompt
 from ladm.files import write_json_atomic
 from ladm.models import check_model_path, load_model, load_tokenizer
 
@@ -28,18 +28,13 @@ PROBE_CHOICES = {"split": ("train", "test"), "input": ("prompt", "prompt+referen
 
 def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
     """The config with `pair` replaced by `probe.reference_pair` (its data paths re-resolve)."""
-    ref_name = cfg.probe.reference_pair
-    if ref_name == cfg.pair.name:
+    if cfg.probe.reference_pair == cfg.pair.name:
         raise LadmError(f"pair {cfg.pair.name} is the reference pair itself: choose a low-resource pair "
                         f"or another probe.reference_pair")
-    path = CONFIG_DIR / "pair" / f"{ref_name}.yaml"
-    if not path.is_file():
-        raise LadmError(f"unknown probe.reference_pair '{ref_name}': choose one of "
-                        + ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml"))))
-    ref_cfg = cfg.copy()
-    OmegaConf.set_struct(ref_cfg, False)
-    ref_cfg.pair = OmegaConf.load(path)
-    return ref_cfg
+    try:
+        return pair_config(cfg, cfg.probe.reference_pair)
+    except LadmError as err:
+        raise LadmError(f"probe.reference_pair: {err}") from err
 
 
 def check_probe_cfg(cfg: DictConfig) -> None:

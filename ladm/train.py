@@ -19,7 +19,7 @@ from transformers import set_seed
 from ladm import LadmError
 from ladm.checkpoint import latest_checkpoint, load_checkpoint
 from ladm.cli import cli_main
-from ladm.data import encode_examples, read_split, render_prompt
+from ladm.data import encode_examples, pair_config, read_split, render_prompt
 from ladm.distributed import DistEnv
 from ladm.evaluate import translate
 from ladm.files import write_json_atomic, write_lines_atomic
@@ -70,8 +70,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     dist = DistEnv.from_environment()
     out_dir = Path(dist.broadcast(str(out_dir)))  # every rank uses rank 0's run folder
     method = build_method(cfg, dist)
-    train_corpus = read_split(cfg.data.train, cfg.pair.name).head(cfg.data.max_train_samples)
-    test_corpus = read_split(cfg.data.test, cfg.pair.name).head(cfg.eval.max_samples)
+    pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
+    train_corpora = {name: read_split(c.data.train, name).head(cfg.data.max_train_samples) for name, c in pair_cfgs.items()}
+    test_corpora = {name: read_split(c.data.test, name).head(cfg.eval.max_samples) for name, c in pair_cfgs.items()}
     scorer = Scorer.preflight(cfg.eval)
 
     set_seed(cfg.train.seed)  # adapter initialisation is seeded too
@@ -83,53 +84,62 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tracker = Tracker(cfg, out_dir, dist.is_main, resume_id=resume_id)
     tracker.config({"method_details": method.describe()})
 
-    prompts = [render_prompt(s, cfg.pair, tokenizer, cfg.model.chat_template) for s in test_corpus.src]
-
-    def evaluate(step: int | None = None) -> tuple[list[str], dict, dict]:
-        """Every rank translates its share of the test set; rank 0 scores the gathered whole."""
-        shard = translate(model, tokenizer, prompts[dist.rank::dist.world_size], cfg.eval.batch_size,
-                          cfg.eval.max_new_tokens, cfg.eval.num_beams, desc=f"generate {cfg.pair.name}")
-        hypotheses = [""] * len(prompts)
-        for rank, part in enumerate(dist.gather(shard)):
-            hypotheses[rank::dist.world_size] = part
-        if not dist.is_main:
-            return hypotheses, {}, {}
-        metrics, signatures = scorer.score(test_corpus.src, hypotheses, test_corpus.tgt, comet=step is None)
-        tracker.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step or cfg.train.max_steps)
-        return hypotheses, metrics, signatures
+    def evaluate(step: int | None = None) -> dict[str, tuple[list[str], dict, dict]]:
+        """Per pair, with that pair's adapters: every rank translates its share, rank 0 scores the whole."""
+        outcome = {}
+        for name, pair_cfg in pair_cfgs.items():
+            method.select_adapters(model, name)
+            corpus = test_corpora[name]
+            prompts = [render_prompt(s, pair_cfg.pair, tokenizer, cfg.model.chat_template) for s in corpus.src]
+            shard = translate(model, tokenizer, prompts[dist.rank::dist.world_size], cfg.eval.batch_size,
+                              cfg.eval.max_new_tokens, cfg.eval.num_beams, desc=f"generate {name}")
+            hypotheses = [""] * len(prompts)
+            for rank, part in enumerate(dist.gather(shard)):
+                hypotheses[rank::dist.world_size] = part
+            if dist.is_main:
+                metrics, signatures = scorer.score(corpus.src, hypotheses, corpus.tgt, comet=step is None)
+                tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items() if v is not None},
+                            step=step or cfg.train.max_steps)
+                outcome[name] = (hypotheses, metrics, signatures)
+        return outcome
 
     train_stats: dict = {}
     if method.trains:
-        examples, truncated = encode_examples(train_corpus, cfg.pair, tokenizer, cfg.train.max_length,
-                                              cfg.model.chat_template)
+        examples, truncated = {}, 0
+        for name, pair_cfg in pair_cfgs.items():
+            examples[name], cut = encode_examples(train_corpora[name], pair_cfg.pair, tokenizer, cfg.train.max_length,
+                                                  cfg.model.chat_template)
+            truncated += cut
+        n_train = sum(map(len, examples.values()))
         if truncated:
             log.warning("%d of %d training targets were truncated to train.max_length=%d",
-                        truncated, len(examples), cfg.train.max_length)
+                        truncated, n_train, cfg.train.max_length)
         train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker, out_dir,
                           resume_from=checkpoint, on_eval=evaluate)
-        train_stats |= {"n_train": len(examples), "truncated_targets": truncated}
+        train_stats |= {"n_train": n_train, "truncated_targets": truncated}
 
     eval_started = time.perf_counter()
-    hypotheses, metrics, signatures = evaluate()
+    outcome = evaluate()
     eval_seconds = time.perf_counter() - eval_started
     if not dist.is_main:
         return {}
 
-    pair = cfg.pair.name
-    write_lines_atomic(out_dir / "predictions" / f"{pair}.hyp", hypotheses)
-    write_lines_atomic(out_dir / "predictions" / f"{pair}.ref", test_corpus.tgt)
+    for name, (hypotheses, _, _) in outcome.items():
+        write_lines_atomic(out_dir / "predictions" / f"{name}.hyp", hypotheses)
+        write_lines_atomic(out_dir / "predictions" / f"{name}.ref", test_corpora[name].tgt)
     if method.trains and cfg.train.save_adapter:
         model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
+    metrics = {name: m for name, (_, m, _) in outcome.items()}
     results = {
         "status": "complete",
         "name": cfg.name,
         "model": cfg.model.name,
         "method": cfg.method.name,
-        "pairs": [pair],
+        "pairs": list(pair_cfgs),
         "test_set": cfg.data.test.name,
-        "n_test": len(test_corpus),
-        "metrics": {pair: metrics},
-        "signatures": signatures,
+        "n_test": len(next(iter(test_corpora.values()))),
+        "metrics": metrics,
+        "signatures": next(iter(outcome.values()))[2],
         "skipped": scorer.skipped,
         "method_details": method.describe(),
         "world_size": dist.world_size,
@@ -139,11 +149,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "versions": {name: version(name) for name in VERSIONED} | {"python": platform.python_version()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    tracker.summary({f"{pair}/{k}": v for k, v in metrics.items()})
+    tracker.summary({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
     tracker.finish()
     write_json_atomic(out_dir / "results.json", results)
-    log.info("%s %s %s: %s", cfg.model.name, cfg.method.name, pair,
-             ", ".join(f"{k}={v:.2f}" for k, v in metrics.items() if v is not None))
+    for name, m in metrics.items():
+        log.info("%s %s %s: %s", cfg.model.name, cfg.method.name, name,
+                 ", ".join(f"{k}={v:.2f}" for k, v in m.items() if v is not None))
     return results | {"losses": train_stats.get("losses", [])}
 
 

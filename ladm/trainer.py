@@ -65,7 +65,7 @@ def _batches(loader: DataLoader, sampler: DistributedSampler, consumed: int = 0)
 def fit(
     model: torch.nn.Module,
     method: Method,
-    examples: list[Example],
+    examples: dict[str, list[Example]],
     pad_token_id: int,
     train_cfg: DictConfig,
     dist: DistEnv,
@@ -76,21 +76,28 @@ def fit(
 ) -> dict:
     """Train `model` for `train.max_steps` optimizer steps; returns losses and timings.
 
-    The loss is the mean over all target tokens of the global batch (every rank, every
-    accumulation micro-step), so N ranks with batch b equal one rank with batch N·b.
+    `examples` maps each pair to its examples; optimizer step s trains on pair s mod n (in
+    order), so every batch, on every rank, holds one pair. The loss is the mean over all
+    target tokens of the global batch (every rank, every accumulation micro-step), so N ranks
+    with batch b equal one rank with batch N·b.
     With `resume_from`, weights, optimizer, scheduler, RNG and data position are restored
     and training continues exactly where the checkpoint was taken.
     """
     set_seed(train_cfg.seed)
     device = dist.device
-    sampler = DistributedSampler(examples, num_replicas=dist.world_size, rank=dist.rank,
-                                 shuffle=True, seed=train_cfg.seed, drop_last=True)
-    # Its own generator: starting an epoch must not draw from the global RNG (exact resume).
-    loader = DataLoader(examples, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=lambda b: collate(b, pad_token_id), generator=torch.Generator().manual_seed(train_cfg.seed))
-    if len(loader) == 0:
-        raise LadmError(f"{len(examples)} training sentences cannot fill one batch of "
-                        f"train.batch_size={train_cfg.batch_size} on {dist.world_size} rank(s)")
+    pairs = list(examples)
+    loaders = {}
+    for pair, pair_examples in examples.items():
+        sampler = DistributedSampler(pair_examples, num_replicas=dist.world_size, rank=dist.rank,
+                                     shuffle=True, seed=train_cfg.seed, drop_last=True)
+        # Its own generator: starting an epoch must not draw from the global RNG (exact resume).
+        loader = DataLoader(pair_examples, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
+                            collate_fn=lambda b: collate(b, pad_token_id),
+                            generator=torch.Generator().manual_seed(train_cfg.seed))
+        if len(loader) == 0:
+            raise LadmError(f"{len(pair_examples)} training sentences of {pair} cannot fill one batch of "
+                            f"train.batch_size={train_cfg.batch_size} on {dist.world_size} rank(s)")
+        loaders[pair] = (loader, sampler)
 
     optimizer = OPTIMIZERS[train_cfg.optimizer](method.param_groups(model, train_cfg.lr, train_cfg.weight_decay),
                                                 lr=train_cfg.lr)
@@ -116,19 +123,22 @@ def fit(
         log.info("resuming from %s (step %d)", resume_from, state["step"])
 
     model.train()
-    batches = _batches(loader, sampler, consumed=(first_step - 1) * train_cfg.grad_accum)
+    done = first_step - 1  # steps already taken: pair i had ceil((done - i) / n) of them
+    batches = {pair: _batches(*loaders[pair], consumed=-(-(done - i) // len(pairs)) * train_cfg.grad_accum)
+               for i, pair in enumerate(pairs)}
     start = time.perf_counter()
     progress = tqdm(range(first_step, train_cfg.max_steps + 1), desc="train", disable=not dist.is_main,
                     initial=first_step - 1, total=train_cfg.max_steps)
     for step in progress:
-        micro_batches = [next(batches) for _ in range(train_cfg.grad_accum)]
+        pair = pairs[(step - 1) % len(pairs)]
+        micro_batches = [next(batches[pair]) for _ in range(train_cfg.grad_accum)]
+        method.select_adapters(model, pair)
         n_tokens = dist.all_reduce_sum(
             sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro_batches).to(device)
         )
         loss_sum = torch.zeros((), device=device)
         for i, micro in enumerate(micro_batches):
-            method.select_adapters(model, micro["pair"])
-            tensors = {k: v.to(device) for k, v in micro.items() if isinstance(v, torch.Tensor)}
+            tensors = {k: v.to(device) for k, v in micro.items()}
             sync = ddp is None or i == len(micro_batches) - 1
             with (nullcontext() if sync else ddp.no_sync()), \
                     torch.autocast(device.type, dtype=amp, enabled=amp is not None):

@@ -46,11 +46,10 @@ def test_prompt_longer_than_max_length_is_an_error(make_cfg):
 def test_collate_right_pads_and_masks():
     from ladm.data import Example
 
-    batch = collate([Example("p", [5, 6, 7], [-100, 6, 7]), Example("p", [5, 6], [-100, 6])], pad_token_id=2)
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([5, 6], [-100, 6])], pad_token_id=2)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 6, -100]]
-    assert batch["pair"] == "p"
 
 
 def test_crlf_text_files_are_read_like_lf(tmp_path, make_cfg):

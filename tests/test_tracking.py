@@ -37,6 +37,6 @@ def test_offline_wandb_run_holds_loss_lr_and_metrics(make_cfg, files_overrides, 
     assert losses == results["losses"]
     assert all("train/lr" in row for row in history if "train/loss" in row)
     assert summary["zh-lo/chrf++"] == results["metrics"]["zh-lo"]["chrf++"]
-    periodic = [row for row in history if "eval/chrf++" in row]
+    periodic = [row for row in history if "eval/zh-lo/chrf++" in row]
     assert len(periodic) == 2  # at step 2 (train.eval_every) and at the end
     assert config["method"]["name"] == "lora" and config["name"] == "wandb-test"

@@ -27,6 +27,11 @@ class Method:
         self.cfg = cfg
         self.dist = dist or DistEnv()
 
+    @property
+    def pairs(self) -> list[str]:
+        """The language pairs one run trains and evaluates (most methods: `pair`)."""
+        return [self.cfg.pair.name]
+
     def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         return model
 
