@@ -24,11 +24,11 @@ def cli(*args, launcher=(sys.executable, "-m", "ladm.train"), **kwargs) -> subpr
     return subprocess.run([*launcher, *args], cwd=REPO_ROOT, capture_output=True, text=True, env=ENV, **kwargs)
 
 
-def adapter(path) -> dict[str, torch.Tensor]:
-    return load_file(path / "adapter" / "adapter_model.safetensors")
+def adapter(path, name: str = "") -> dict[str, torch.Tensor]:
+    return load_file(path / "adapter" / name / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["lora", "ladm"])
+@pytest.mark.parametrize("method", ["lora", "ladm", "mlas_lora"])
 def test_two_gloo_ranks_equal_one_process(make_cfg, files_overrides, tmp_path, cache_dir, method):
     """Global batch 4 = 2 ranks × 2; one test sentence for two ranks is still evaluated exactly once.
 
@@ -36,19 +36,24 @@ def test_two_gloo_ranks_equal_one_process(make_cfg, files_overrides, tmp_path, c
     under AdamW a parameter whose gradient is ~ε can differ by more than 1e-6 from that noise alone.
     """
     common = [f"method={method}", "train.max_steps=4", *TINY, "method.dropout=0.0", "train.optimizer=sgd", "train.lr=0.5",
+              *(["method.r_gen=4", "method.r_spe=4"] if method == "mlas_lora" else []),
               *files_overrides, "eval.max_samples=1",
               "probe.n_sentences=4", f"cache_dir={cache_dir}"]
     run(make_cfg(*common), tmp_path / "one")
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ladm.train")
     proc = cli(*common, "train.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}", launcher=torchrun)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
-    assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=0)
+    # MLAS-LoRA: several adapters sit idle in each step (one folder per adapter)
+    folders = ["general", "pair_zh-lo", "pair_zh-km"] if method == "mlas_lora" else [""]
+    for folder in folders:
+        one, two = adapter(tmp_path / "one", folder), adapter(tmp_path / "two", folder)
+        assert one.keys() == two.keys()
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=0)
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["world_size"] == 2
-    assert len((tmp_path / "two" / "predictions" / "zh-lo.hyp").read_text(encoding="utf-8").splitlines()) == 1
+    for pair in results["pairs"]:
+        assert len((tmp_path / "two" / "predictions" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 1
     if method == "ladm":
         assert results["method_details"]["multipliers"] == json.loads(
             (tmp_path / "one" / "results.json").read_text())["method_details"]["multipliers"]

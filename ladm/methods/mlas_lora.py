@@ -44,7 +44,7 @@ def check_mlas_cfg(cfg: DictConfig) -> None:
     elif method["lambda"] <= 1 / len(pairs):
         log.warning("method.lambda=%s ≤ 1/%d (the uniform share over %d pairs): every neuron is language-specific",
                     method["lambda"], len(pairs), len(pairs))
-    if method.adapters == "single" and method.neurons in ("split", "specific"):
+    if method.init == "teacher" and method.adapters == "single" and method.neurons in ("split", "specific"):
         raise LadmError(f"method.neurons={method.neurons} needs per-pair adapters; with adapters=single use all or general")
     if method.init == "teacher":
         check_teacher(cfg)
@@ -102,10 +102,11 @@ class MLASLoRA(Method):
         if self.cfg.method.init == "teacher":
             submatrices, self.summary = load_or_compute(self.cfg, tokenizer, device, self.dist.is_main, self.dist.barrier)
             self._initialise_from_teacher(model, submatrices)
-        for name, param in model.named_parameters():  # all trainable adapters are registered with DDP
+        # Every trainable adapter must require grad when DDP wraps the model, or DDP never syncs it;
+        # select_adapters() narrows this per batch.
+        for name, param in model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(OFFSET not in name)
-        self.select_adapters(model, self.pairs[0])
         return model
 
     def _initialise_from_teacher(self, model: torch.nn.Module, submatrices: dict[str, torch.Tensor]) -> None:
@@ -120,10 +121,12 @@ class MLASLoRA(Method):
                     if path.split(".")[-1] != target or not hasattr(module, "lora_A"):
                         continue
                     for name in self.adapter_names:
-                        weight = submatrices[f"layer{k}.{path}.{self._source(name)}"].to(module.lora_A[name].weight)
-                        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+                        weight = submatrices[f"layer{k}.{path}.{self._source(name)}"]
+                        # float64, so the factors do not depend on LAPACK's threading once cast back
+                        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
                         r = self._rank(name)
-                        b, a = u[:, :r] * s[:r], vh[:r, :]
+                        like = module.lora_A[name].weight
+                        b, a = (u[:, :r] * s[:r]).to(like), vh[:r, :].to(like)
                         with torch.no_grad():
                             module.lora_B[name].weight.copy_(b)
                             module.lora_A[name].weight.copy_(a)

@@ -1,0 +1,196 @@
+"""MLAS-LoRA (METHODS.md §3) against independent computations; training isolation; bad input."""
+
+import json
+import logging
+
+import pytest
+import torch
+from peft import PeftModel
+
+from ladm import LadmError
+from ladm.awareness import NeuronAwareness, classify, extract, linear_maps, load_or_compute, pick
+from ladm.data import collate, encode_examples, read_split
+from ladm.methods import build_method
+from ladm.models import decoder_layers, load_model, load_tokenizer
+from ladm.train import run
+
+FAST = ["probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r_spe=4"]
+
+
+def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
+    cfg = make_cfg()
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
+    corpus = read_split(cfg.data.train, "zh-lo").head(3)
+    batch = collate(encode_examples(corpus, cfg.pair, tokenizer, 256)[0], tokenizer.pad_token_id)
+    maps = linear_maps(decoder_layers(model)[1], ["q_proj", "down_proj"])
+    awareness = NeuronAwareness(maps)
+    with awareness:
+        awareness.add_batch(model, batch)
+    # Independent: capture each map's input and output, take ∂L/∂h with torch.autograd.grad.
+    captured = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, name=name: captured.update({name: (i[0], o)}))
+               for name, m in maps.items()]
+    embeddings = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).logits
+    for handle in handles:
+        handle.remove()
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+    tensors = [t for name in maps for t in captured[name]]
+    grads = dict(zip(tensors, torch.autograd.grad(loss, tensors), strict=True))
+    mask = batch["attention_mask"].bool()
+    scores = awareness.scores()
+    for name in maps:
+        for side, tensor in zip(("in", "out"), captured[name], strict=True):
+            expected = (grads[tensor] * tensor).abs()[mask].mean(0)
+            torch.testing.assert_close(scores[(name, side)].float(), expected, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("phi,lam,general,owner", [
+    ([[1.0, 0.1, 3.0], [1.0, 0.9, 1.0]], 0.6, [True, False, False], [0, 1, 0]),   # shares .5/.5, .1/.9, .75/.25
+    ([[1.0, 0.1, 3.0], [1.0, 0.9, 1.0]], 0.95, [True, True, True], [0, 1, 0]),
+    ([[2.0, 0.0], [1.0, 0.0], [1.0, 4.0]], 0.4, [False, False], [0, 2]),           # shares .5/.25/.25, 0/0/1
+    ([[2.0, 0.0], [1.0, 0.0], [1.0, 4.0]], 0.5, [True, False], [0, 2]),
+])
+def test_lambda_classification_table(phi, lam, general, owner):
+    is_general, top = classify(torch.tensor(phi), lam)
+    assert is_general.tolist() == general and top.tolist() == owner
+
+
+def test_lambda_at_or_below_uniform_share_warns(make_cfg, caplog):
+    with caplog.at_level(logging.WARNING):
+        build_method(make_cfg("method=mlas_lora", "method.lambda=0.5", "method.init=random"))
+    assert "every neuron is language-specific" in caplog.text
+
+
+def test_extraction_keeps_original_order_and_highest_awareness():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3])
+    candidates = torch.tensor([True, True, False, True, True])
+    assert pick(scores, candidates, 3).tolist() == [1, 3, 4]  # best three candidates, in index order
+    assert pick(scores, torch.tensor([False, True, False, False, False]), 3).tolist() == [1, 2, 3]  # topped up
+    weight = torch.arange(20.0).reshape(4, 5)
+    assert extract(weight, torch.tensor([0, 2]), torch.tensor([1, 4])).tolist() == [[1.0, 4.0], [11.0, 14.0]]
+
+
+@pytest.fixture
+def mlas_setup(make_cfg):
+    def build(*overrides):
+        cfg = make_cfg("method=mlas_lora", *FAST, *overrides)
+        tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+        method = build_method(cfg)
+        base = load_model(cfg.model, tokenizer)
+        reference = load_model(cfg.model, tokenizer)
+        return cfg, tokenizer, method, method.prepare_model(base, tokenizer), reference
+    return build
+
+
+def lora_modules(model):
+    return {path: m for path, m in model.named_modules() if hasattr(m, "lora_A") and path.endswith(("q_proj", "down_proj"))}
+
+
+def test_svd_init_is_the_best_rank_r_approximation(mlas_setup):
+    cfg, tokenizer, method, model, _ = mlas_setup()
+    submatrices, _ = load_or_compute(cfg, tokenizer, torch.device("cpu"))
+    for path, module in lora_modules(model).items():
+        k = int(path.split(".layers.")[1].split(".")[0])
+        local = path.split(f".layers.{k}.")[1]
+        for adapter, source in (("general", "gen"), ("pair_zh-km", "spe.zh-km")):
+            w = submatrices[f"layer{k}.{local}.{source}"]
+            product = module.lora_B[adapter].weight @ module.lora_A[adapter].weight
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            torch.testing.assert_close(product, (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-4, atol=1e-5)
+            # Eckart–Young: the residual is exactly the discarded singular values.
+            residual = torch.linalg.matrix_norm(w - product) ** 2
+            torch.testing.assert_close(residual, (torch.linalg.svdvals(w)[4:] ** 2).sum(), rtol=1e-3, atol=1e-4)
+            assert module.scaling[adapter] == 1.0
+
+
+def test_subtract_offset_leaves_the_student_unchanged_at_step_zero(mlas_setup):
+    cfg, tokenizer, method, model, reference = mlas_setup("method.init_offset=subtract")
+    ids = tokenizer(["Translate the following Chinese text into Lao.\nChinese: 你好\nLao:"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = reference(ids).logits
+        for pair in ("zh-lo", "zh-km"):
+            method.select_adapters(model, pair)
+            torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    _, _, keep_method, keep_model, _ = mlas_setup()
+    with torch.no_grad():
+        assert not torch.allclose(keep_model(ids).logits, expected, atol=1e-3)  # `keep` adds B·A as written
+
+
+def test_only_the_general_and_active_pair_adapters_train(make_cfg, files_overrides, tmp_path):
+    """One step: it trains on zh-lo (the first pair), so zh-km's specific adapter stays bit-identical."""
+    from safetensors.torch import load_file
+
+    overrides = ["method=mlas_lora", *FAST, "train.max_steps=1", "train.warmup_ratio=0", "train.batch_size=4", "train.lr=1e-2",
+                 "eval.max_new_tokens=2", "eval.max_samples=1", "data.max_train_samples=8"]
+    run(make_cfg(*overrides), tmp_path / "one")
+    cfg = make_cfg(*overrides)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
+    initial = build_method(cfg).prepare_model(load_model(cfg.model, tokenizer), tokenizer)
+    before = {n: p.detach().clone() for n, p in initial.named_parameters() if "lora_" in n}
+    for adapter, changes in (("general", True), ("pair_zh-lo", True), ("pair_zh-km", False)):
+        after = load_file(tmp_path / "one" / "adapter" / adapter / "adapter_model.safetensors")
+        for name, tensor in after.items():
+            key = next(k for k in before if k.startswith(name.removesuffix(".weight")) and k.endswith(f"{adapter}.weight"))
+            assert torch.equal(tensor, before[key]) != changes, (adapter, name)
+
+
+def test_end_to_end_two_pairs_each_with_its_own_adapters(make_cfg, tmp_path):
+    results = run(make_cfg("method=mlas_lora", *FAST, "train.max_steps=4", "train.batch_size=4",
+                           "data.max_train_samples=16", "eval.max_samples=3", "eval.max_new_tokens=6"), tmp_path)
+    assert results["pairs"] == ["zh-lo", "zh-km"] and set(results["metrics"]) == {"zh-lo", "zh-km"}
+    for pair in ("zh-lo", "zh-km"):
+        assert len((tmp_path / "predictions" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 3
+    assert len(results["method_details"]["teacher_layers"]) == 4
+    cfg = make_cfg()
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    peft_model = PeftModel.from_pretrained(load_model(cfg.model, tokenizer), tmp_path / "adapter" / "general",
+                                           adapter_name="general")
+    peft_model.load_adapter(tmp_path / "adapter" / "pair_zh-km", adapter_name="pair_zh-km")
+    assert set(peft_model.peft_config) == {"general", "pair_zh-km"}
+    assert json.loads((tmp_path / "results.json").read_text())["method_details"]["adapters"] == "general+specific"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model@method.teacher=tiny-qwen2", "method.teacher.tiny.vocab_size=6000", "method.teacher.tiny.hidden_size=256",
+      "method.teacher.tiny.num_hidden_layers=6"], "use different tokenizers"),
+    (["method.teacher.tiny.num_hidden_layers=2"], "has 2 layers, fewer than the student's 4"),
+    (["method.teacher.tiny.intermediate_size=256"], "narrower than the student's"),
+    (["method.lambda=0"], "method.lambda must lie in (0, 1]"),
+    (["method.lambda=1.5"], "method.lambda must lie in (0, 1]"),
+    (["method.r_spe=65"], "method.r_spe=65 exceeds the rank"),
+])
+def test_bad_mlas_input(make_cfg, tmp_path, overrides, message):
+    with pytest.raises(LadmError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        method = build_method(make_cfg("method=mlas_lora", *FAST, *overrides))
+        cfg = method.cfg
+        tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+        method.prepare_model(load_model(cfg.model, tokenizer), tokenizer)
+
+
+def test_single_pair_warns(make_cfg, caplog):
+    with caplog.at_level(logging.WARNING):
+        build_method(make_cfg("method=mlas_lora", "method.pairs=[zh-lo]", "method.init=random"))
+    assert "single pair" in caplog.text
+
+
+def test_awareness_cli_writes_a_cached_summary(tmp_path, cache_dir):
+    import os
+    import subprocess
+    import sys
+
+    from ladm import REPO_ROOT
+
+    out = tmp_path / "awareness"
+    proc = subprocess.run([sys.executable, "-m", "ladm.awareness", *FAST, f"cache_dir={cache_dir}", f"hydra.run.dir={out}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "awareness.json").read_text())
+    assert summary["pairs"] == ["zh-lo", "zh-km"] and len(summary["teacher_layers"]) == 4
+    assert summary["teacher_layers"] == sorted(summary["teacher_layers"])
+    assert list(cache_dir.glob("awareness/*/submatrices.safetensors"))
