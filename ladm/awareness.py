@@ -22,7 +22,7 @@ from ladm.activations import layer_relevance
 from ladm.cli import cli_main
 from ladm.data import collate, encode_examples, pair_config, read_split
 from ladm.files import write_json_atomic
-from ladm.models import decoder_layers, load_model, load_tokenizer
+from ladm.models import decoder_layers, load_model, load_tokenizer, model_config
 
 log = logging.getLogger("ladm.awareness")
 
@@ -105,18 +105,10 @@ def extract(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> tor
 
 def model_shapes(model_cfg: DictConfig, targets: list[str]) -> tuple[int, dict[str, tuple[int, int]]]:
     """Layer count and the (out, in) shape of every targeted map of a layer, without loading weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from ladm.models import _resolve
-
-    if model_cfg.path is None:
-        spec = OmegaConf.to_container(model_cfg.tiny, resolve=True)
-        spec.pop("init_seed")
-        config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    else:
-        config = AutoConfig.from_pretrained(_resolve(model_cfg.path))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(model_config(model_cfg))
     layers = decoder_layers(model)
     return len(layers), {name: tuple(m.weight.shape) for name, m in linear_maps(layers[0], targets).items()}
 

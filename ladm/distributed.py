@@ -70,6 +70,12 @@ class DistEnv:
         if self.world_size > 1:
             dist.barrier()
 
+    def close(self) -> None:
+        """All ranks meet, then leave the process group (a rank must not exit while peers still talk)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def run_stamp() -> str:
     """A time stamp every rank of one launch agrees on (for run folders).

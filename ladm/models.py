@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from ladm import REPO_ROOT, LadmError
 
@@ -87,21 +87,31 @@ def load_tokenizer(model_cfg: DictConfig, cache_dir: str | Path):
     return tokenizer
 
 
+def model_config(model_cfg: DictConfig, tokenizer=None) -> PretrainedConfig:
+    """The transformers config of `model.path`, or of the tiny model `model.tiny` (no weights read)."""
+    if model_cfg.path is None:
+        spec = OmegaConf.to_container(model_cfg.tiny, resolve=True)
+        spec.pop("init_seed")
+        special = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                                                "eos_token_id": tokenizer.eos_token_id}
+        config = AutoConfig.for_model(spec.pop("model_type"), **spec, **special)
+        config._attn_implementation = model_cfg.attn_implementation
+        return config
+    check_model_path(model_cfg)
+    try:
+        return AutoConfig.from_pretrained(_resolve(model_cfg.path))
+    except OSError as err:
+        raise LadmError(f"cannot read the config of {model_cfg.path}: {str(err).splitlines()[0]} "
+                        "(download the model first, or set model.path to a local directory)") from err
+
+
 def load_model(model_cfg: DictConfig, tokenizer) -> torch.nn.Module:
     """`from_pretrained(model.path)`, or a tiny random model from `model.tiny` (seeded)."""
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.path is None:
-        spec = OmegaConf.to_container(model_cfg.tiny, resolve=True)
-        model_type, init_seed = spec.pop("model_type"), spec.pop("init_seed")
-        config = AutoConfig.for_model(
-            model_type, **spec,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        config._attn_implementation = model_cfg.attn_implementation
         with torch.random.fork_rng():
-            torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            torch.manual_seed(model_cfg.tiny.init_seed)
+            model = AutoModelForCausalLM.from_config(model_config(model_cfg, tokenizer), dtype=dtype)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -123,12 +133,4 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def num_layers(model_cfg: DictConfig) -> int:
     """The decoder layer count from the config alone (no weights loaded)."""
-    if model_cfg.path is None:
-        return int(model_cfg.tiny.num_hidden_layers)
-    check_model_path(model_cfg)
-    try:
-        config = AutoConfig.from_pretrained(_resolve(model_cfg.path))
-    except OSError as err:
-        raise LadmError(f"cannot read the config of {model_cfg.path}: {str(err).splitlines()[0]} "
-                        "(download the model first, or set model.path to a local directory)") from err
-    return int(getattr(config, "num_hidden_layers", None) or config.get_text_config().num_hidden_layers)
+    return int(model_config(model_cfg).get_text_config().num_hidden_layers)

@@ -122,6 +122,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     outcome = evaluate()
     eval_seconds = time.perf_counter() - eval_started
     if not dist.is_main:
+        dist.close()
         return {}
 
     for name, (hypotheses, _, _) in outcome.items():
@@ -152,6 +153,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tracker.summary({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
     tracker.finish()
     write_json_atomic(out_dir / "results.json", results)
+    dist.close()
     for name, m in metrics.items():
         log.info("%s %s %s: %s", cfg.model.name, cfg.method.name, name,
                  ", ".join(f"{k}={v:.2f}" for k, v in m.items() if v is not None))
