@@ -61,14 +61,15 @@ def completed_results(out_dir: Path) -> dict | None:
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train and evaluate one configuration; returns what is written to `out_dir/results.json`."""
     started = time.perf_counter()
-    if not cfg.force and (done := completed_results(out_dir)):
+    dist = DistEnv.from_environment()
+    out_dir = Path(dist.broadcast(str(out_dir)))  # every rank uses rank 0's run folder
+    if not cfg.force and (done := dist.broadcast(completed_results(out_dir) if dist.is_main else None)):
         log.info("skipping %s: results.json is complete (force=true to run it again)", out_dir)
+        dist.close()
         return done
     # Cheap checks first: numbers, model path, method knobs, data files, metric models.
     check_numbers(cfg)
     check_model_path(cfg.model)
-    dist = DistEnv.from_environment()
-    out_dir = Path(dist.broadcast(str(out_dir)))  # every rank uses rank 0's run folder
     method = build_method(cfg, dist)
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
     train_corpora = {name: read_split(c.data.train, name).head(cfg.data.max_train_samples) for name, c in pair_cfgs.items()}

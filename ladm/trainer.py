@@ -146,19 +146,21 @@ def fit(
                 # DDP averages gradients over ranks; scale so the result is the global token mean.
                 (loss * dist.world_size / n_tokens).backward()
             loss_sum += loss.detach()
+        mean_loss = float(dist.all_reduce_sum(loss_sum) / n_tokens)
+        if not math.isfinite(mean_loss):  # before the step: the weights and the last checkpoint stay good
+            raise LadmError(f"the training loss became {mean_loss} at step {step}: lower train.lr or check the data")
         method.after_backward(model)
-        metrics = {f"grad_norm/{name}": _grad_norm(params) for name, params in method.grad_norm_groups(model).items()}
+        log_now = step % train_cfg.log_every == 0 or step == train_cfg.max_steps
+        metrics = {f"grad_norm/{name}": _grad_norm(params)
+                   for name, params in method.grad_norm_groups(model).items()} if log_now else {}
         metrics["grad_norm/total"] = float(torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        mean_loss = float(dist.all_reduce_sum(loss_sum) / n_tokens)
-        if not math.isfinite(mean_loss):
-            raise LadmError(f"the training loss became {mean_loss} at step {step}: lower train.lr or check the data")
         losses.append(mean_loss)
         progress.set_postfix(loss=f"{mean_loss:.3f}")
-        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+        if log_now:
             tracker.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], **metrics}, step=step)
         if on_eval is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.max_steps:
             on_eval(step)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -63,3 +64,12 @@ def test_tiny_gemma2_trains(make_cfg, files_overrides, tmp_path):
     results = run(make_cfg("model=tiny-gemma2", "train.max_steps=2", "eval.max_new_tokens=4", *files_overrides),
                   tmp_path)
     assert torch.isfinite(torch.tensor(results["losses"])).all()
+
+
+def test_non_finite_loss_stops_with_a_clear_message(make_cfg, files_overrides, tmp_path):
+    from ladm import LadmError
+
+    with pytest.raises(LadmError, match="the training loss became (nan|inf) at step 1"):
+        run(make_cfg("method=lora", "train.max_steps=2", "train.lr=1e30", "train.warmup_ratio=0",
+                     "train.max_grad_norm=1e38", "model.tiny.initializer_range=1e18", *files_overrides), tmp_path)
+    assert not (tmp_path / "results.json").exists()
