@@ -73,7 +73,7 @@ def load_sweep(sweep_dir: Path) -> tuple[list[Job], list[dict]]:
     tested: dict[str, set] = defaultdict(set)
     for job in complete:
         for pair in job.results["pairs"]:
-            tested[pair].add((job.results["test_set"], job.results["n_test"]))
+            tested[pair].add((job.results["test_set"], job.results["n_test"][pair]))
     for pair, test_sets in tested.items():
         if len(test_sets) > 1:
             shown = ", ".join(f"{name} ({n} sentences)" for name, n in sorted(test_sets))

@@ -80,6 +80,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, tokenizer).to(dist.device)
     model = method.prepare_model(model, tokenizer)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings, trainable adapters: keep the graph alive
     checkpoint = latest_checkpoint(out_dir) if method.trains and cfg.train.resume == "auto" else None
     resume_id = load_checkpoint(checkpoint)["wandb_id"] if checkpoint else None
     tracker = Tracker(cfg, out_dir, dist.is_main, resume_id=resume_id)
@@ -139,7 +142,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "method": cfg.method.name,
         "pairs": list(pair_cfgs),
         "test_set": cfg.data.test.name,
-        "n_test": len(next(iter(test_corpora.values()))),
+        "n_test": {name: len(corpus) for name, corpus in test_corpora.items()},
         "metrics": metrics,
         "signatures": next(iter(outcome.values()))[2],
         "skipped": scorer.skipped,

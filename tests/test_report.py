@@ -30,7 +30,7 @@ def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-
         details = {"pair": pair, "delta_r": [0.1, -0.2, 0.05, 0.0]}
     write_json_atomic(job / "results.json", {
         "status": status, "model": "tiny-llama", "method": method, "pairs": [pair], "test_set": test_set,
-        "n_test": len(REFS), "metrics": {pair: {"chrf++": CHRF(word_order=2).corpus_score(hyps, [REFS]).score,
+        "n_test": {pair: len(REFS)}, "metrics": {pair: {"chrf++": CHRF(word_order=2).corpus_score(hyps, [REFS]).score,
                                                 "spbleu": None}},
         "method_details": details, "config": config})
 

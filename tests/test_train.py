@@ -73,3 +73,16 @@ def test_non_finite_loss_stops_with_a_clear_message(make_cfg, files_overrides, t
         run(make_cfg("method=lora", "train.max_steps=2", "train.lr=1e30", "train.warmup_ratio=0",
                      "train.max_grad_norm=1e38", "model.tiny.initializer_range=1e18", *files_overrides), tmp_path)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_training(make_cfg, files_overrides, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ("method=lora", "method.dropout=0.0", "train.max_steps=3", "train.batch_size=4", "train.lr=1e-2",
+              "eval.max_new_tokens=2", "eval.max_samples=1", *files_overrides)
+    run(make_cfg(*common), tmp_path / "plain")
+    run(make_cfg(*common, "train.gradient_checkpointing=true"), tmp_path / "checkpointed")
+    plain = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    checkpointed = load_file(tmp_path / "checkpointed" / "adapter" / "adapter_model.safetensors")
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
