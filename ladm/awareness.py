@@ -1,6 +1,7 @@
 """MLAS-LoRA's awareness stage (METHODS.md §3, steps 1–4): on the teacher, per-pair layer relevance
 and the top-L_S layers, neuron awareness Φ (eq. 2), the λ split into language-general and
-language-specific neurons (eq. 3), and the extracted student-shaped submatrices (eqs. 4–5).
+language-specific neurons (eq. 3), and the extracted student-shaped submatrices (eqs. 4–5), cached as
+their teacher row/column indices and rank-R SVD factors (a 7B student's submatrices would be ~100 GB).
 
     python -m ladm.awareness method=mlas_lora method.pairs=[zh-lo,zh-km]
 """
@@ -133,6 +134,7 @@ def check_teacher(cfg: DictConfig) -> None:
 def awareness_key(cfg: DictConfig) -> str:
     identity = {k: OmegaConf.to_container(cfg.method[k], resolve=True) if OmegaConf.is_config(cfg.method[k]) else cfg.method[k]
                 for k in ("teacher", "pairs", "lambda", "layers", "target_modules")}
+    identity["rank"] = max(cfg.method.r_gen, cfg.method.r_spe)
     identity |= {"student": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.train.seed,
                  "probe": {k: cfg.probe[k] for k in ("split", "n_sentences", "input", "batch_size")},
                  "files": [OmegaConf.to_container(pair_config(cfg, p).data.train, resolve=True) for p in cfg.method.pairs]}
@@ -150,7 +152,8 @@ def select_layers(relevance: dict[str, list[float]], n_student: int, mode: str, 
 
 
 def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """Run the whole stage on the teacher; returns the submatrices (by `layer{k}.{map}.{source}`) and a summary."""
+    """Run the whole stage on the teacher. Returns, per `layer{k}.{map}.{source}`, the chosen teacher `rows` and
+    `cols` of W_s and its rank-R factors `B`, `A` (R = max(r_gen, r_spe)), and a JSON summary."""
     from ladm.probe import probe_inputs
 
     pairs, lam, targets = list(cfg.method.pairs), cfg.method["lambda"], list(cfg.method.target_modules)
@@ -184,7 +187,8 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
         for key, score in awareness.scores().items():
             phi.setdefault(key, []).append(score)
 
-    submatrices, counts = {}, {}
+    rank = max(cfg.method.r_gen, cfg.method.r_spe)
+    factors, counts = {}, {}
     for key, module in maps.items():
         k, name = key.split(".", 1)
         m, n = student_shapes[name]
@@ -203,10 +207,16 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
         for source, (candidates, score) in sources.items():
             rows = pick(score["out"], candidates["out"], m)
             cols = pick(score["in"], candidates["in"], n)
-            submatrices[f"layer{k}.{name}.{source}"] = extract(weight, rows, cols).contiguous()
+            # Eqs. 7–8 need only the top singular triplets of W_s: keep B = UΣ and A = Vᵀ at rank R
+            # (float64 SVD), not the student-sized W_s itself.
+            u, sigma, vh = torch.linalg.svd(extract(weight, rows, cols).double(), full_matrices=False)
+            prefix = f"layer{k}.{name}.{source}"
+            factors |= {f"{prefix}.rows": rows, f"{prefix}.cols": cols,
+                        f"{prefix}.B": (u[:, :rank] * sigma[:rank]).float().contiguous(),
+                        f"{prefix}.A": vh[:rank].float().contiguous()}
     summary = {"teacher": cfg.method.teacher.name, "student": cfg.model.name, "pairs": pairs, "lambda": lam,
                "teacher_layers": layers, "relevance": relevance, "counts": counts}
-    return submatrices, summary
+    return factors, summary
 
 
 def load_or_compute(cfg: DictConfig, student_tokenizer, device: torch.device, is_main: bool = True,
@@ -214,12 +224,12 @@ def load_or_compute(cfg: DictConfig, student_tokenizer, device: torch.device, is
     """The stage's output from `cache_dir/awareness/<key>/`, computed (on the main rank) when absent."""
     folder = Path(cfg.cache_dir) / "awareness" / awareness_key(cfg)
     if is_main and not (folder / "awareness.json").is_file():
-        submatrices, summary = compute_awareness(cfg, student_tokenizer, device)
+        factors, summary = compute_awareness(cfg, student_tokenizer, device)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(submatrices, folder / "submatrices.safetensors")
+        save_file(factors, folder / "factors.safetensors")
         write_json_atomic(folder / "awareness.json", summary)  # written last: marks the folder complete
     barrier()
-    return load_file(folder / "submatrices.safetensors"), json.loads((folder / "awareness.json").read_text())
+    return load_file(folder / "factors.safetensors"), json.loads((folder / "awareness.json").read_text())
 
 
 def run_awareness(cfg: DictConfig, out_dir: Path) -> dict:

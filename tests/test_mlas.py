@@ -90,13 +90,20 @@ def lora_modules(model):
 
 
 def test_svd_init_is_the_best_rank_r_approximation(mlas_setup):
+    """W_s rebuilt from the teacher's own weights and the chosen rows/columns; B·A against torch.linalg.svd."""
     cfg, tokenizer, method, model, _ = mlas_setup()
-    submatrices, _ = load_or_compute(cfg, tokenizer, torch.device("cpu"))
+    factors, summary = load_or_compute(cfg, tokenizer, torch.device("cpu"))
+    teacher_layers = decoder_layers(load_model(cfg.method.teacher, tokenizer))
     for path, module in lora_modules(model).items():
         k = int(path.split(".layers.")[1].split(".")[0])
         local = path.split(f".layers.{k}.")[1]
+        teacher_weight = teacher_layers[summary["teacher_layers"][k]].get_submodule(local).weight.detach()
         for adapter, source in (("general", "gen"), ("pair_zh-km", "spe.zh-km")):
-            w = submatrices[f"layer{k}.{local}.{source}"]
+            prefix = f"layer{k}.{local}.{source}"
+            rows, cols = factors[f"{prefix}.rows"], factors[f"{prefix}.cols"]
+            assert (rows.diff() > 0).all() and (cols.diff() > 0).all()  # original order kept
+            w = teacher_weight[rows][:, cols]
+            assert w.shape == module.base_layer.weight.shape
             product = module.lora_B[adapter].weight @ module.lora_A[adapter].weight
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             torch.testing.assert_close(product, (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-4, atol=1e-5)
@@ -193,4 +200,4 @@ def test_awareness_cli_writes_a_cached_summary(tmp_path, cache_dir):
     summary = json.loads((out / "awareness.json").read_text())
     assert summary["pairs"] == ["zh-lo", "zh-km"] and len(summary["teacher_layers"]) == 4
     assert summary["teacher_layers"] == sorted(summary["teacher_layers"])
-    assert list(cache_dir.glob("awareness/*/submatrices.safetensors"))
+    assert list(cache_dir.glob("awareness/*/factors.safetensors"))

@@ -100,8 +100,8 @@ class MLASLoRA(Method):
         for name in names[1:]:
             model.add_adapter(name, self._lora_config(name))
         if self.cfg.method.init == "teacher":
-            submatrices, self.summary = load_or_compute(self.cfg, tokenizer, device, self.dist.is_main, self.dist.barrier)
-            self._initialise_from_teacher(model, submatrices)
+            factors, self.summary = load_or_compute(self.cfg, tokenizer, device, self.dist.is_main, self.dist.barrier)
+            self._initialise_from_teacher(model, factors)
         # Every trainable adapter must require grad when DDP wraps the model, or DDP never syncs it;
         # select_adapters() narrows this per batch.
         for name, param in model.named_parameters():
@@ -109,8 +109,9 @@ class MLASLoRA(Method):
                 param.requires_grad_(OFFSET not in name)
         return model
 
-    def _initialise_from_teacher(self, model: torch.nn.Module, submatrices: dict[str, torch.Tensor]) -> None:
-        """Eqs. 7–8: W_s = UΣVᵀ → B = U[:, :r]Σ[:r, :r], A = Vᵀ[:r, :]; `subtract` adds frozen −B·A twins."""
+    def _initialise_from_teacher(self, model: torch.nn.Module, factors: dict[str, torch.Tensor]) -> None:
+        """Eqs. 7–8: W_s = UΣVᵀ → B = U[:, :r]Σ[:r, :r], A = Vᵀ[:r, :] (the stage's rank-R factors, cut to r);
+        `subtract` adds frozen −B·A twins."""
         subtract = self.cfg.method.init_offset == "subtract"
         if subtract:
             for name in self.adapter_names:
@@ -121,12 +122,9 @@ class MLASLoRA(Method):
                     if path.split(".")[-1] != target or not hasattr(module, "lora_A"):
                         continue
                     for name in self.adapter_names:
-                        weight = submatrices[f"layer{k}.{path}.{self._source(name)}"]
-                        # float64, so the factors do not depend on LAPACK's threading once cast back
-                        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-                        r = self._rank(name)
+                        prefix, r = f"layer{k}.{path}.{self._source(name)}", self._rank(name)
                         like = module.lora_A[name].weight
-                        b, a = (u[:, :r] * s[:r]).to(like), vh[:r, :].to(like)
+                        b, a = factors[f"{prefix}.B"][:, :r].to(like), factors[f"{prefix}.A"][:r].to(like)
                         with torch.no_grad():
                             module.lora_B[name].weight.copy_(b)
                             module.lora_A[name].weight.copy_(a)
