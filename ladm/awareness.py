@@ -82,9 +82,14 @@ class NeuronAwareness:
         return {key: total / max(self.tokens, 1) for key, total in self.sums.items()}
 
 
-def classify(phi: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(phi: torch.Tensor, lam: float, norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3 / A.6: λ_i = Φ(p_i) / Σ_n Φ(p_n) per unit (phi: pairs × units). A unit whose largest
-    share exceeds λ is specific to that pair, otherwise general. Returns (general mask, owner pair)."""
+    share exceeds λ is specific to that pair, otherwise general. Returns (general mask, owner pair).
+
+    `norm=per_pair` first divides each pair's Φ by its mean over the units, so a pair whose loss
+    (hence every Φ) is larger does not claim every neuron; `none` is the paper's rule."""
+    if norm == "per_pair":
+        phi = phi / phi.mean(1, keepdim=True).clamp_min(torch.finfo(phi.dtype).tiny)
     share = phi / phi.sum(0).clamp_min(torch.finfo(phi.dtype).tiny)
     top_share, owner = share.max(0)
     return top_share <= lam, owner
@@ -133,7 +138,7 @@ def check_teacher(cfg: DictConfig) -> None:
 
 def awareness_key(cfg: DictConfig) -> str:
     identity = {k: OmegaConf.to_container(cfg.method[k], resolve=True) if OmegaConf.is_config(cfg.method[k]) else cfg.method[k]
-                for k in ("teacher", "pairs", "lambda", "layers", "target_modules")}
+                for k in ("teacher", "pairs", "lambda", "layers", "target_modules", "phi_norm")}
     identity["rank"] = max(cfg.method.r_gen, cfg.method.r_spe)
     identity |= {"student": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.train.seed,
                  "probe": {k: cfg.probe[k] for k in ("split", "n_sentences", "input", "batch_size")},
@@ -194,7 +199,7 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
         m, n = student_shapes[name]
         weight = module.weight.detach().float().cpu()
         side_phi = {side: torch.stack(phi[(key, side)]) for side in ("out", "in")}
-        split = {side: classify(side_phi[side], lam) for side in side_phi}
+        split = {side: classify(side_phi[side], lam, cfg.method.phi_norm) for side in side_phi}
         counts[key] = {side: {"general": int(general.sum()),
                               **{p: int(((owner == i) & ~general).sum()) for i, p in enumerate(pairs)}}
                        for side, (general, owner) in split.items()}

@@ -58,6 +58,14 @@ def test_lambda_classification_table(phi, lam, general, owner):
     assert is_general.tolist() == general and top.tolist() == owner
 
 
+def test_per_pair_normalisation_stops_a_high_loss_pair_claiming_every_neuron():
+    phi = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 4.0, 3.0, 2.0]])  # pair 0 has ~10× the loss
+    assert classify(phi, 0.6)[1].tolist() == [0, 0, 0, 0]
+    # per pair: [0.4, 0.8, 1.2, 1.6] vs [0.4, 1.6, 1.2, 0.8] → largest shares .5 (0), .67 (1), .5 (0), .67 (0)
+    general, owner = classify(phi, 0.6, "per_pair")
+    assert general.tolist() == [True, False, True, False] and owner[1] == 1 and owner[3] == 0
+
+
 def test_lambda_at_or_below_uniform_share_warns(make_cfg, caplog):
     with caplog.at_level(logging.WARNING):
         build_method(make_cfg("method=mlas_lora", "method.lambda=0.5", "method.init=random"))

@@ -19,7 +19,7 @@ from ladm.models import decoder_layers
 log = logging.getLogger(__name__)
 CHOICES = {"adapters": ("general+specific", "specific", "single"), "init": ("teacher", "random"),
            "layers": ("relevant", "random"), "neurons": ("split", "all", "general", "specific"),
-           "init_offset": ("keep", "subtract")}
+           "init_offset": ("keep", "subtract"), "phi_norm": ("none", "per_pair")}
 OFFSET = "_offset"
 
 
@@ -146,7 +146,7 @@ class MLASLoRA(Method):
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
     def describe(self) -> dict[str, Any]:
-        keys = ("pairs", "lambda", "r_gen", "r_spe", "adapters", "init", "layers", "neurons", "init_offset")
+        keys = ("pairs", "lambda", "phi_norm", "r_gen", "r_spe", "adapters", "init", "layers", "neurons", "init_offset")
         return {k: (list(self.cfg.method[k]) if k == "pairs" else self.cfg.method[k]) for k in keys} | {
             "teacher": self.cfg.method.teacher.name, "adapter_names": self.adapter_names,
             **{k: self.summary[k] for k in ("teacher_layers", "relevance", "counts") if k in self.summary}}
