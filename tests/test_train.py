@@ -75,13 +75,19 @@ def test_non_finite_loss_stops_with_a_clear_message(make_cfg, files_overrides, t
     assert not (tmp_path / "results.json").exists()
 
 
-def test_gradient_checkpointing_gives_the_same_training(make_cfg, files_overrides, tmp_path):
+def test_gradient_checkpointing_gives_the_same_training(make_cfg, files_overrides, tmp_path, monkeypatch):
     from safetensors.torch import load_file
+
+    import ladm.train
 
     common = ("method=lora", "method.dropout=0.0", "train.max_steps=3", "train.batch_size=4", "train.lr=1e-2",
               "eval.max_new_tokens=2", "eval.max_samples=1", *files_overrides)
     run(make_cfg(*common), tmp_path / "plain")
+    seen = []
+    monkeypatch.setattr(ladm.train, "fit", lambda model, *a, fit=ladm.train.fit, **k: seen.append(
+        model.base_model.model.is_gradient_checkpointing) or fit(model, *a, **k))
     run(make_cfg(*common, "train.gradient_checkpointing=true"), tmp_path / "checkpointed")
+    assert seen == [True]
     plain = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
     checkpointed = load_file(tmp_path / "checkpointed" / "adapter" / "adapter_model.safetensors")
     for name in plain:
