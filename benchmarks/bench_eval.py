@@ -45,7 +45,7 @@ def main() -> None:
     args.batch_size = args.batch_size or cfg.eval.batch_size
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, tokenizer).eval()
-    corpus = read_split(cfg.data.test, cfg.pair.name).head(args.sentences)
+    corpus = read_split(cfg.data.test).head(args.sentences)
     prompts = [render_prompt(s, cfg.pair) for s in corpus.src]
 
     timings = {"batched": [], "single": []}

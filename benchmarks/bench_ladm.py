@@ -71,7 +71,7 @@ def main() -> None:
                 for name in ("lora", "ladm")}
     cfg = cfgs["lora"]
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
-    corpus = read_split(cfg.data.train, cfg.pair.name).head(args.batch_size * args.steps)
+    corpus = read_split(cfg.data.train).head(args.batch_size * args.steps)
     examples, _ = encode_examples(corpus, cfg.pair, tokenizer, cfg.train.max_length)
     batches = [{k: v.to(device) for k, v in collate(examples[i:i + args.batch_size],
                tokenizer.pad_token_id).items()} for i in range(0, len(examples), args.batch_size)]

@@ -181,7 +181,7 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
     for p in pairs:
         pair_cfg = pair_config(cfg, p)
         split = pair_cfg.data.train if cfg.probe.split == "train" else pair_cfg.data.test
-        corpus = read_split(split, p).head(cfg.probe.n_sentences)
+        corpus = read_split(split).head(cfg.probe.n_sentences)
         examples, _ = encode_examples(corpus, pair_cfg.pair, teacher_tokenizer, cfg.train.max_length,
                                       cfg.model.chat_template)
         awareness = NeuronAwareness(maps)

@@ -22,7 +22,6 @@ IGNORE_INDEX = -100
 class ParallelCorpus:
     """Aligned source and target sentences of one language pair."""
 
-    pair: str
     src: list[str]
     tgt: list[str]
 
@@ -30,7 +29,7 @@ class ParallelCorpus:
         return len(self.src)
 
     def head(self, n: int | None) -> ParallelCorpus:
-        return self if n is None else ParallelCorpus(self.pair, self.src[:n], self.tgt[:n])
+        return self if n is None else ParallelCorpus(self.src[:n], self.tgt[:n])
 
 
 def _read_lines(path: str | Path) -> list[str]:
@@ -49,7 +48,7 @@ def _check_nonempty(lines: list[str], path: str) -> None:
         raise LadmError(f"{len(empty)} empty line(s) in {path} at line(s) {shown}: remove or fill them")
 
 
-def read_split(split: DictConfig, pair: str) -> ParallelCorpus:
+def read_split(split: DictConfig) -> ParallelCorpus:
     """Read one split described by `data.train` or `data.test` (formats: text, tsv, jsonl)."""
     fmt = split.format
     if fmt == "text":
@@ -61,20 +60,20 @@ def read_split(split: DictConfig, pair: str) -> ParallelCorpus:
             )
         _check_nonempty(src, split.src)
         _check_nonempty(tgt, split.tgt)
-        return ParallelCorpus(pair, src, tgt)
+        return ParallelCorpus(src, tgt)
     if fmt == "tsv":
         rows = [line.split("\t") for line in _read_lines(split.path)]
         bad = [i + 1 for i, row in enumerate(rows) if len(row) != 2 or not all(c.strip() for c in row)]
         if bad:
             raise LadmError(f"{split.path}: line(s) {bad[:10]} are not 'source<TAB>target' with both sides non-empty")
-        return ParallelCorpus(pair, [r[0] for r in rows], [r[1] for r in rows])
+        return ParallelCorpus([r[0] for r in rows], [r[1] for r in rows])
     if fmt == "jsonl":
         src_key, tgt_key = split.get("src_key", "src"), split.get("tgt_key", "tgt")
         records = [json.loads(line) for line in _read_lines(split.path) if line.strip()]
         bad = [i + 1 for i, r in enumerate(records) if not (str(r.get(src_key, "")).strip() and str(r.get(tgt_key, "")).strip())]
         if bad:
             raise LadmError(f"{split.path}: record(s) {bad[:10]} lack a non-empty '{src_key}' or '{tgt_key}'")
-        return ParallelCorpus(pair, [r[src_key] for r in records], [r[tgt_key] for r in records])
+        return ParallelCorpus([r[src_key] for r in records], [r[tgt_key] for r in records])
     raise LadmError(f"unknown data format '{fmt}': use text, tsv or jsonl")
 
 

@@ -49,7 +49,7 @@ def check_probe_cfg(cfg: DictConfig) -> None:
 def probe_inputs(cfg: DictConfig, tokenizer) -> list[list[int]]:
     """Tokenised probe set of `cfg.pair`: the prompt, or the prompt followed by the reference."""
     split = cfg.data.train if cfg.probe.split == "train" else cfg.data.test
-    corpus = read_split(split, cfg.pair.name).head(cfg.probe.n_sentences)
+    corpus = read_split(split).head(cfg.probe.n_sentences)
     texts = [render_prompt(s, cfg.pair, tokenizer, cfg.model.chat_template) for s in corpus.src]
     if cfg.probe.input == "prompt+reference":
         texts = [f"{text} {ref}" for text, ref in zip(texts, corpus.tgt, strict=True)]

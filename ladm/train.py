@@ -72,8 +72,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     check_model_path(cfg.model)
     method = build_method(cfg, dist)
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
-    train_corpora = {name: read_split(c.data.train, name).head(cfg.data.max_train_samples) for name, c in pair_cfgs.items()}
-    test_corpora = {name: read_split(c.data.test, name).head(cfg.eval.max_samples) for name, c in pair_cfgs.items()}
+    train_corpora = {name: read_split(c.data.train).head(cfg.data.max_train_samples) for name, c in pair_cfgs.items()}
+    test_corpora = {name: read_split(c.data.test).head(cfg.eval.max_samples) for name, c in pair_cfgs.items()}
     scorer = Scorer.preflight(cfg.eval)
 
     set_seed(cfg.train.seed)  # adapter initialisation is seeded too

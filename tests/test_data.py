@@ -17,7 +17,7 @@ def test_prompt_matches_methods_md(make_cfg):
 def test_loss_covers_target_tokens_only(make_cfg):
     cfg = make_cfg()
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
-    corpus = ParallelCorpus("zh-lo", ["你好"], ["ສະບາຍດີ"])
+    corpus = ParallelCorpus(["你好"], ["ສະບາຍດີ"])
     (example,), truncated = encode_examples(corpus, cfg.pair, tok, max_length=256)
     prompt_ids = tok(render_prompt("你好", cfg.pair)).input_ids
     target_ids = tok(" ສະບາຍດີ", add_special_tokens=False).input_ids + [tok.eos_token_id]
@@ -30,7 +30,7 @@ def test_loss_covers_target_tokens_only(make_cfg):
 def test_long_targets_are_truncated_and_counted(make_cfg):
     cfg = make_cfg()
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
-    corpus = ParallelCorpus("zh-lo", ["你好", "你好"], ["ສະບາຍດີ", "ສະບາຍດີ " * 50])
+    corpus = ParallelCorpus(["你好", "你好"], ["ສະບາຍດີ", "ສະບາຍດີ " * 50])
     examples, truncated = encode_examples(corpus, cfg.pair, tok, max_length=40)
     assert truncated == 1
     assert len(examples[1].input_ids) == 40 and len(examples[0].input_ids) < 40
@@ -40,7 +40,7 @@ def test_prompt_longer_than_max_length_is_an_error(make_cfg):
     cfg = make_cfg()
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
     with pytest.raises(LadmError, match="raise train.max_length"):
-        encode_examples(ParallelCorpus("zh-lo", ["你好" * 50], ["x"]), cfg.pair, tok, max_length=10)
+        encode_examples(ParallelCorpus(["你好" * 50], ["x"]), cfg.pair, tok, max_length=10)
 
 
 def test_collate_right_pads_and_masks():
@@ -57,7 +57,7 @@ def test_crlf_text_files_are_read_like_lf(tmp_path, make_cfg):
     (tmp_path / "b").write_bytes(b"one\ntwo\n")
     split = make_cfg().data.train.copy()
     split.src, split.tgt = str(tmp_path / "a"), str(tmp_path / "b")
-    corpus = read_split(split, "zh-en")
+    corpus = read_split(split)
     assert corpus.src == ["一", "二"] and corpus.tgt == ["one", "two"]
 
 
@@ -66,9 +66,9 @@ def test_tsv_and_jsonl_readers(tmp_path):
 
     (tmp_path / "d.tsv").write_text("一\tone\n二\ttwo\n", encoding="utf-8")
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"zh": s, "en": t}) for s, t in [("一", "one"), ("二", "two")]))
-    tsv = read_split(OmegaConf.create({"format": "tsv", "path": str(tmp_path / "d.tsv")}), "zh-en")
+    tsv = read_split(OmegaConf.create({"format": "tsv", "path": str(tmp_path / "d.tsv")}))
     jsonl = read_split(OmegaConf.create({"format": "jsonl", "path": str(tmp_path / "d.jsonl"),
-                                         "src_key": "zh", "tgt_key": "en"}), "zh-en")
+                                         "src_key": "zh", "tgt_key": "en"}))
     assert tsv.src == jsonl.src == ["一", "二"] and tsv.tgt == jsonl.tgt == ["one", "two"]
 
 
@@ -76,6 +76,6 @@ def test_ntrex128_config_reads_crlf_test_files(make_cfg, tmp_path):
     (tmp_path / "newstest2019-ref.zho-CN.txt").write_bytes("一\r\n二\r\n".encode())
     (tmp_path / "newstest2019-ref.khm.txt").write_bytes("មួយ\r\nពីរ\r\n".encode())
     cfg = make_cfg("data=ntrex128", "pair=zh-km", f"data.ntrex_root={tmp_path}")
-    corpus = read_split(cfg.data.test, cfg.pair.name)
+    corpus = read_split(cfg.data.test)
     assert corpus.src == ["一", "二"] and corpus.tgt == ["មួយ", "ពីរ"]
     assert cfg.data.train.src.endswith("dev/zho_Hans.dev")  # trains on the shipped FLORES-200 dev

@@ -21,7 +21,7 @@ def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
     cfg = make_cfg()
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
-    corpus = read_split(cfg.data.train, "zh-lo").head(3)
+    corpus = read_split(cfg.data.train).head(3)
     batch = collate(encode_examples(corpus, cfg.pair, tokenizer, 256)[0], tokenizer.pad_token_id)
     maps = linear_maps(decoder_layers(model)[1], ["q_proj", "down_proj"])
     awareness = NeuronAwareness(maps)
