@@ -162,6 +162,7 @@ class LaDM(LoRA):
             for name, param in model.named_parameters():
                 if param.requires_grad and self._multiplier(name) == 0.0:
                     param.requires_grad_(False)
+        self.params_by_layer = self._trainable_by_layer(model)  # fixed from here on; used every step
         return model
 
     def _multiplier(self, parameter_name: str) -> float:
@@ -180,12 +181,12 @@ class LaDM(LoRA):
             return super().param_groups(model, lr, weight_decay)
         return [{"params": params, "lr": lr * (1.0 if layer is None else self.multipliers[layer]),
                  "weight_decay": weight_decay, "layer": layer}
-                for layer, params in sorted(self._trainable_by_layer(model).items(), key=lambda kv: kv[0] or -1)]
+                for layer, params in sorted(self.params_by_layer.items(), key=lambda kv: kv[0] or -1)]
 
     def after_backward(self, model: torch.nn.Module) -> None:
         if self.cfg.method.mode != "grad":
             return
-        for layer, params in self._trainable_by_layer(model).items():
+        for layer, params in self.params_by_layer.items():
             m = 1.0 if layer is None else self.multipliers[layer]
             for param in params:
                 if param.grad is not None and m != 1.0:
