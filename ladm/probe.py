@@ -27,14 +27,24 @@ PROBE_CHOICES = {"split": ("train", "test"), "input": ("prompt", "prompt+referen
 
 
 def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
-    """The config with `pair` replaced by `probe.reference_pair` (its data paths re-resolve)."""
+    """The config with `pair` replaced by `probe.reference_pair`: its data paths re-resolve, or come
+    from `probe.reference_data` when the data config does not depend on the pair (data=files)."""
     if cfg.probe.reference_pair == cfg.pair.name:
         raise LadmError(f"pair {cfg.pair.name} is the reference pair itself: choose a low-resource pair "
                         f"or another probe.reference_pair")
     try:
-        return pair_config(cfg, cfg.probe.reference_pair)
+        ref_cfg = pair_config(cfg, cfg.probe.reference_pair)
     except LadmError as err:
         raise LadmError(f"probe.reference_pair: {err}") from err
+    split = "train" if cfg.probe.split == "train" else "test"
+    if cfg.probe.reference_data is not None:
+        ref_cfg.data[split] = cfg.probe.reference_data
+    elif cfg.probe.input == "prompt+reference" and OmegaConf.to_container(ref_cfg.data[split], resolve=True) == \
+            OmegaConf.to_container(cfg.data[split], resolve=True):
+        raise LadmError(f"the probe would read the same files for {ref_cfg.pair.name} as for {cfg.pair.name} "
+                        "(data.* does not depend on the pair), so its references would be mislabelled: "
+                        "set probe.reference_data (format/src/tgt of the reference pair) or probe.input=prompt")
+    return ref_cfg
 
 
 def check_probe_cfg(cfg: DictConfig) -> None:

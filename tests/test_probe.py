@@ -176,3 +176,18 @@ def test_ladm_probe_cli_on_a_local_model_directory(make_cfg, tmp_path, cache_dir
     expected = activation_disparity(torch.tensor(report["R_hi"]), torch.tensor(report["R_lo"]), "sum")
     torch.testing.assert_close(torch.tensor(report["delta_r"]), expected)
     assert (out / "delta_r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reference_references_from_the_same_files_are_refused_unless_given(make_cfg, files_overrides, tmp_path):
+    from ladm import LadmError
+    from ladm.probe import reference_pair_cfg
+
+    with pytest.raises(LadmError, match="set probe.reference_data"):
+        reference_pair_cfg(make_cfg("method=ladm", "probe.input=prompt+reference", *files_overrides))
+    assert reference_pair_cfg(make_cfg("method=ladm", *files_overrides)).pair.name == "zh-en"  # prompt only: fine
+    (tmp_path / "ref.zh").write_text("一\n", encoding="utf-8")
+    (tmp_path / "ref.en").write_text("one\n", encoding="utf-8")
+    given = reference_pair_cfg(make_cfg("method=ladm", "probe.input=prompt+reference", *files_overrides,
+                                        f"probe.reference_data={{format: text, src: {tmp_path / 'ref.zh'}, "
+                                        f"tgt: {tmp_path / 'ref.en'}}}"))
+    assert given.data.train.tgt == str(tmp_path / "ref.en")
