@@ -20,7 +20,7 @@ class LayerRelevance:
 
     def __init__(self, model: torch.nn.Module):
         self.layers = decoder_layers(model)
-        self.sums = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.sums = torch.zeros(len(self.layers), dtype=torch.float64, device=next(model.parameters()).device)
         self.n_sentences = 0
         self._mask: torch.Tensor | None = None
 
@@ -31,7 +31,7 @@ class LayerRelevance:
             l1 = (layer_out.float() - layer_in.float()).abs().sum(-1)  # (batch, tokens)
             mask = self._mask.to(l1.dtype)
             token_mean = (l1 * mask).sum(-1) / mask.sum(-1)  # mean over non-padding tokens
-            self.sums[index] += token_mean.sum().double().cpu()
+            self.sums[index] += token_mean.sum().double()  # stays on the device: no sync per layer
 
         return hook
 
@@ -54,7 +54,7 @@ class LayerRelevance:
 
     @property
     def relevance(self) -> torch.Tensor:
-        return self.sums / max(self.n_sentences, 1)
+        return self.sums.cpu() / max(self.n_sentences, 1)
 
 
 def layer_relevance(model: torch.nn.Module, token_ids: list[list[int]], pad_token_id: int, batch_size: int,

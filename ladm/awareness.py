@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 from ladm import LadmError
 from ladm.activations import layer_relevance
 from ladm.cli import cli_main
-from ladm.data import collate, encode_examples, pair_config, read_split
+from ladm.data import IGNORE_INDEX, collate, encode_examples, pair_config, read_split
 from ladm.files import write_json_atomic
 from ladm.models import decoder_layers, load_model, load_tokenizer, model_config
+from ladm.trainer import target_token_loss_sum
 
 log = logging.getLogger("ladm.awareness")
 
@@ -40,7 +41,8 @@ class NeuronAwareness:
 
     def __init__(self, maps: dict[str, torch.nn.Linear]):
         self.maps = maps
-        self.sums = {(name, side): torch.zeros(m.out_features if side == "out" else m.in_features, dtype=torch.float64)
+        self.sums = {(name, side): torch.zeros(m.out_features if side == "out" else m.in_features, dtype=torch.float64,
+                                               device=m.weight.device)
                      for name, m in maps.items() for side in ("out", "in")}
         self.tokens = 0
         self._mask: torch.Tensor | None = None
@@ -56,7 +58,7 @@ class NeuronAwareness:
     def _grad_hook(self, name: str, side: str, activation: torch.Tensor):
         def grad_hook(grad: torch.Tensor) -> None:
             taylor = (grad.float() * activation.float()).abs() * self._mask.unsqueeze(-1)
-            self.sums[(name, side)] += taylor.sum((0, 1)).double().cpu()
+            self.sums[(name, side)] += taylor.sum((0, 1)).double()  # stays on the device: no sync per map
         return grad_hook
 
     def __enter__(self) -> NeuronAwareness:
@@ -70,16 +72,14 @@ class NeuronAwareness:
     def add_batch(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
         """One forward + backward with the loss on the target tokens; activations of all non-padding tokens count."""
         self._mask = batch["attention_mask"].float()
+        # Gradients reach the activations through the embeddings; the teacher's weights stay frozen.
         embeddings = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
-        logits = model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum") / (labels != -100).sum()
-        loss.backward()
+        loss = target_token_loss_sum(model, batch, inputs_embeds=embeddings)
+        (loss / (batch["labels"][:, 1:] != IGNORE_INDEX).sum()).backward()
         self.tokens += int(batch["attention_mask"].sum())
 
     def scores(self) -> dict[tuple[str, str], torch.Tensor]:
-        return {key: total / max(self.tokens, 1) for key, total in self.sums.items()}
+        return {key: total.cpu() / max(self.tokens, 1) for key, total in self.sums.items()}
 
 
 def classify(phi: torch.Tensor, lam: float, norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,8 +180,7 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
     phi: dict[tuple[str, str], list[torch.Tensor]] = {}
     for p in pairs:
         pair_cfg = pair_config(cfg, p)
-        split = pair_cfg.data.train if cfg.probe.split == "train" else pair_cfg.data.test
-        corpus = read_split(split).head(cfg.probe.n_sentences)
+        corpus = read_split(pair_cfg.data[cfg.probe.split]).head(cfg.probe.n_sentences)
         examples, _ = encode_examples(corpus, pair_cfg.pair, teacher_tokenizer, cfg.train.max_length,
                                       cfg.model.chat_template)
         awareness = NeuronAwareness(maps)

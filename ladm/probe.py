@@ -20,6 +20,7 @@ from ladm.cli import cli_main
 from ladm.data import pair_config, read_split, render_prompt
 from ladm.files import write_json_atomic
 from ladm.models import check_model_path, load_model, load_tokenizer
+from ladm.plots import pyplot, save_figure
 
 log = logging.getLogger("ladm.probe")
 PROBE_CHOICES = {"split": ("train", "test"), "input": ("prompt", "prompt+reference"),
@@ -36,7 +37,7 @@ def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
         ref_cfg = pair_config(cfg, cfg.probe.reference_pair)
     except LadmError as err:
         raise LadmError(f"probe.reference_pair: {err}") from err
-    split = "train" if cfg.probe.split == "train" else "test"
+    split = cfg.probe.split
     if cfg.probe.reference_data is not None:
         ref_cfg.data[split] = cfg.probe.reference_data
     elif cfg.probe.input == "prompt+reference" and OmegaConf.to_container(ref_cfg.data[split], resolve=True) == \
@@ -58,8 +59,7 @@ def check_probe_cfg(cfg: DictConfig) -> None:
 
 def probe_inputs(cfg: DictConfig, tokenizer) -> list[list[int]]:
     """Tokenised probe set of `cfg.pair`: the prompt, or the prompt followed by the reference."""
-    split = cfg.data.train if cfg.probe.split == "train" else cfg.data.test
-    corpus = read_split(split).head(cfg.probe.n_sentences)
+    corpus = read_split(cfg.data[cfg.probe.split]).head(cfg.probe.n_sentences)
     texts = [render_prompt(s, cfg.pair, tokenizer, cfg.model.chat_template) for s in corpus.src]
     if cfg.probe.input == "prompt+reference":
         texts = [f"{text} {ref}" for text, ref in zip(texts, corpus.tgt, strict=True)]
@@ -69,7 +69,7 @@ def probe_inputs(cfg: DictConfig, tokenizer) -> list[list[int]]:
 def probe_key(cfg: DictConfig) -> str:
     """Identifies R_hi/R_lo: model, both pairs, the probe knobs that change R, and the data files."""
     ref_cfg = reference_pair_cfg(cfg)
-    split = "train" if cfg.probe.split == "train" else "test"
+    split = cfg.probe.split
     identity = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "pairs": [ref_cfg.pair.name, cfg.pair.name],
@@ -116,11 +116,9 @@ def delta_r_report(measured: dict, probe_cfg: DictConfig, selection=None) -> dic
 
 def plot_delta_r(report: dict, path: Path) -> None:
     """Bar chart of ΔR per layer; TAL red, LIL blue, modulated layers hatched and labelled m_l."""
-    import matplotlib
+    from matplotlib.patches import Patch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     delta = report["delta_r"]
     tal, lil = set(report.get("tal", [])), set(report.get("lil", []))
     selected = set(report.get("selected_tal", [])) | set(report.get("selected_lil", []))
@@ -140,15 +138,9 @@ def plot_delta_r(report: dict, path: Path) -> None:
     ax.set_title(f"{report['model']}: ΔR = R̃({report['reference_pair']}) − R̃({report['pair']})"
                  if report["probe"]["sign"] == "hi_minus_lo" else
                  f"{report['model']}: ΔR = R̃({report['pair']}) − R̃({report['reference_pair']})", fontsize=9)
-    from matplotlib.patches import Patch
-
     ax.legend(handles=[Patch(color="tab:red", label="TAL (amplified)"), Patch(color="tab:blue", label="LIL (inhibited)"),
                        Patch(facecolor="white", edgecolor="black", hatch="//", label="modulated")], fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def run_probe(cfg: DictConfig, out_dir: Path) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ladm import LadmError
 from ladm.files import write_text_atomic
+from ladm.plots import pyplot, save_figure
 
 METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)"}
 BOOTSTRAPPED = {"chrf++", "spbleu"}  # sentence-level COMET scores are not saved, so COMET is not resampled
@@ -219,7 +220,7 @@ def plot_strength(jobs: list[Job], metric: str, path: Path) -> bool:
         return False
     lora = {pair: job.results["metrics"][pair].get(metric) for job in jobs if job.results["method"] == "lora"
             for pair in job.results["pairs"]}
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for pair, pts in sorted(points.items()):
         xs, ys = zip(*sorted(pts), strict=True)
@@ -229,7 +230,7 @@ def plot_strength(jobs: list[Job], metric: str, path: Path) -> bool:
     ax.set_xlabel("modulation strength s (α = β)")
     ax.set_ylabel(METRICS[metric])
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -242,7 +243,7 @@ def plot_delta_r(jobs: list[Job], path: Path) -> bool:
             curves.setdefault((job.model, details["pair"]), details["delta_r"])
     if not curves:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for (model, pair), delta in sorted(curves.items()):
         ax.plot(range(len(delta)), delta, marker=".", label=f"{model} {pair}" if len({m for m, _ in curves}) > 1 else pair)
@@ -250,25 +251,8 @@ def plot_delta_r(jobs: list[Job], path: Path) -> bool:
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("ΔR  (>0: TAL, <0: LIL)")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    _pyplot().close(fig)
-    tmp.replace(path)
 
 
 def log_to_wandb(jobs: list[Job], markdown: str, figures: list[Path]) -> None:

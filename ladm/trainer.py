@@ -42,9 +42,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def target_token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+def target_token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                          inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens of a batch (optionally fed as embeddings)."""
+    inputs = {"input_ids": batch["input_ids"]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    logits = model(**inputs, attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(),
         batch["labels"][:, 1:].flatten(),

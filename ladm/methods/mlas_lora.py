@@ -137,9 +137,10 @@ class MLASLoRA(Method):
         active = self.adapters_for(pair)
         offsets = [name + OFFSET for name in active if name + OFFSET in model.peft_config]
         model.base_model.set_adapter(active + offsets)
-        for name, param in model.named_parameters():
-            if OFFSET in name:
-                param.requires_grad_(False)
+        if offsets:  # set_adapter made them trainable; the twins stay frozen
+            for name, param in model.named_parameters():
+                if OFFSET in name:
+                    param.requires_grad_(False)
 
     def param_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         params = [p for name, p in model.named_parameters() if "lora_" in name and OFFSET not in name]
