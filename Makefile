@@ -31,7 +31,7 @@ test: $(STAMP) ## run the test suite (offline, CPU, a few minutes)
 lint: $(STAMP) ## ruff over ladm/, tests/ and benchmarks/
 	$(VENV)/bin/ruff check ladm tests benchmarks
 
-demo: $(STAMP) ## the main job: tiny-llama zh→lo, zero_shot vs lora, offline on CPU, then the report
+demo: $(STAMP) ## the main job: tiny-llama3 zh→lo, zero_shot vs lora, offline on CPU, then the report
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun experiment=demo
 	$(VENV)/bin/ladm-report multirun/demo
 

@@ -16,25 +16,26 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from ladm import CONFIG_DIR  # noqa: E402
-from ladm.data import read_split, render_prompt  # noqa: E402
+from ladm.data import SequenceFormat, read_split  # noqa: E402
 from ladm.evaluate import first_line, translate  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
 
 
 @torch.no_grad()
-def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+def one_at_a_time(model, tokenizer, prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int) -> list[str]:
     hypotheses = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, stop_strings=["\n"], tokenizer=tokenizer)
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, stop_strings=["\n"],
+                             tokenizer=tokenizer)
         hypotheses.append(first_line(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
     return hypotheses
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--model", default="tiny-llama3")
     parser.add_argument("--sentences", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -43,18 +44,21 @@ def main() -> None:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}"])
     args.batch_size = args.batch_size or cfg.eval.batch_size
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval()
     corpus = read_split(cfg.data.test).head(args.sentences)
-    prompts = [render_prompt(s, cfg.pair) for s in corpus.src]
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    prompts = fmt.prompt_ids(corpus.src, cfg.pair)
+    stop_ids = fmt.stop_ids(model.generation_config)
 
     timings = {"batched": [], "single": []}
     for _ in range(args.rounds):
         start = time.perf_counter()
-        batched = translate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, desc="batched")
+        batched = translate(model, tokenizer, prompts, stop_ids, args.batch_size, args.max_new_tokens,
+                            desc="batched").hypotheses
         timings["batched"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        single = one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)
+        single = one_at_a_time(model, tokenizer, prompts, stop_ids, args.max_new_tokens)
         timings["single"].append(time.perf_counter() - start)
     agree = sum(a == b for a, b in zip(batched, single, strict=True)) / len(prompts)
     best = {k: min(v) for k, v in timings.items()}

@@ -6,7 +6,7 @@
     where torch keeps no peak counter, the bytes of parameters + gradients + optimizer state
     (activations are the same forward pass for both).
 
-    python benchmarks/bench_ladm.py [--model tiny-llama] [--steps 20] [--rounds 5]
+    python benchmarks/bench_ladm.py [--model tiny-llama3] [--steps 20] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from ladm import CONFIG_DIR  # noqa: E402
 from ladm.activations import LayerRelevance  # noqa: E402
-from ladm.data import collate, encode_examples, read_split  # noqa: E402
-from ladm.evaluate import left_pad  # noqa: E402
+from ladm.data import SequenceFormat, collate, left_pad, read_split  # noqa: E402
 from ladm.methods import build_method  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
-from ladm.trainer import target_token_loss_sum  # noqa: E402
+from ladm.losses import target_token_loss_sum  # noqa: E402
 
 
 def build(cfg, tokenizer, device):
@@ -60,7 +59,7 @@ def state_bytes(model, optimizer) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--model", default="tiny-llama3")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -70,9 +69,9 @@ def main() -> None:
         cfgs = {name: compose("config", overrides=[f"model={args.model}", f"method={name}", "probe.n_sentences=32"])
                 for name in ("lora", "ladm")}
     cfg = cfgs["lora"]
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     corpus = read_split(cfg.data.train).head(args.batch_size * args.steps)
-    examples, _ = encode_examples(corpus, cfg.pair, tokenizer, cfg.train.max_length)
+    examples = SequenceFormat.from_cfg(tokenizer, cfg.model).encode(corpus, cfg.pair)
     batches = [{k: v.to(device) for k, v in collate(examples[i:i + args.batch_size],
                tokenizer.pad_token_id).items()} for i in range(0, len(examples), args.batch_size)]
     runs = {name: build(c, tokenizer, device) for name, c in cfgs.items()}
@@ -107,7 +106,8 @@ def main() -> None:
             sync(device)
             start = time.perf_counter()
             for ids, mask in probe_batches:
-                base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+                base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+                     logits_to_keep=1)
             sync(device)
             forward_times.append(time.perf_counter() - start)
             start = time.perf_counter()

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from ladm.evaluate import left_pad
+from ladm.data import left_pad
 from ladm.models import decoder_layers
 
 
@@ -49,7 +49,8 @@ class LayerRelevance:
         """One forward pass; position ids follow the mask so left and right padding agree."""
         self._mask = attention_mask
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)  # the hooks need the layers, not the vocabulary-sized logits
         self.n_sentences += input_ids.shape[0]
 
     @property

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from ladm import LadmError
 from ladm.activations import layer_relevance
 from ladm.cli import cli_main
-from ladm.data import IGNORE_INDEX, collate, encode_examples, pair_config, read_split
+from ladm.data import LengthBudgets, SequenceFormat, collate, pair_config, read_split, truncate
 from ladm.files import write_json_atomic
-from ladm.models import decoder_layers, load_model, load_tokenizer, model_config
-from ladm.trainer import target_token_loss_sum
+from ladm.models import context_length, decoder_layers, load_model, load_tokenizer, model_config
+from ladm.losses import IGNORE_INDEX, target_token_loss_sum
 
 log = logging.getLogger("ladm.awareness")
 
@@ -162,14 +162,15 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
     from ladm.probe import probe_inputs
 
     pairs, lam, targets = list(cfg.method.pairs), cfg.method["lambda"], list(cfg.method.target_modules)
-    teacher_tokenizer = load_tokenizer(cfg.method.teacher, cfg.cache_dir)
+    teacher_tokenizer = load_tokenizer(cfg.method.teacher)
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise LadmError(f"the teacher {cfg.method.teacher.name} and the student {cfg.model.name} use different "
                         "tokenizers: MLAS-LoRA needs a shared vocabulary")
     teacher = load_model(cfg.method.teacher, teacher_tokenizer).to(device).eval().requires_grad_(False)
     n_student, student_shapes = model_shapes(cfg.model, targets)
 
-    relevance = {p: layer_relevance(teacher, probe_inputs(pair_config(cfg, p), teacher_tokenizer),
+    fmt = SequenceFormat.from_cfg(teacher_tokenizer, cfg.model)
+    relevance = {p: layer_relevance(teacher, probe_inputs(pair_config(cfg, p), fmt),
                                     teacher_tokenizer.pad_token_id, cfg.probe.batch_size, desc=f"relevance {p}").tolist()
                  for p in pairs}
     layers = select_layers(relevance, n_student, cfg.method.layers, cfg.train.seed)
@@ -177,12 +178,13 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
     maps = {f"{k}.{name}": module for k, l in enumerate(layers)
             for name, module in linear_maps(teacher_layers[l], targets).items()}
 
+    encoded = {p: fmt.encode(read_split(pair_config(cfg, p).data[cfg.probe.split]).head(cfg.probe.n_sentences),
+                             pair_config(cfg, p).pair) for p in pairs}
+    max_length = LengthBudgets.choose(cfg.train.max_length, cfg.train.length_coverage, 1, 1.0,
+                                      context_length(cfg.method.teacher), encoded, {}).max_length
     phi: dict[tuple[str, str], list[torch.Tensor]] = {}
     for p in pairs:
-        pair_cfg = pair_config(cfg, p)
-        corpus = read_split(pair_cfg.data[cfg.probe.split]).head(cfg.probe.n_sentences)
-        examples, _ = encode_examples(corpus, pair_cfg.pair, teacher_tokenizer, cfg.train.max_length,
-                                      cfg.model.chat_template)
+        examples, _ = truncate(encoded[p], max_length)
         awareness = NeuronAwareness(maps)
         with awareness:
             for start in tqdm(range(0, len(examples), cfg.probe.batch_size), desc=f"awareness {p}", unit="batch"):
@@ -241,7 +243,7 @@ def run_awareness(cfg: DictConfig, out_dir: Path) -> dict:
     from ladm.methods.mlas_lora import check_mlas_cfg
 
     check_mlas_cfg(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     _, summary = load_or_compute(cfg, tokenizer, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     write_json_atomic(out_dir / "awareness.json", summary)
     log.info("teacher layers %s → student layers 0..%d", summary["teacher_layers"], len(summary["teacher_layers"]) - 1)

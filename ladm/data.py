@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ladm import CONFIG_DIR, LadmError
+from ladm.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 PROMPT = "Translate the following {src_name} text into {tgt_name}.\n{src_name}: {src}\n{tgt_name}:"
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,9 @@ def pair_config(cfg: DictConfig, name: str) -> DictConfig:
     return copy
 
 
-def render_prompt(src: str, pair_cfg: DictConfig, tokenizer=None, chat_template: bool = False) -> str:
-    """The shared prompt of METHODS.md §5, optionally wrapped in the tokenizer's chat template."""
-    prompt = PROMPT.format(src_name=pair_cfg.src.name, tgt_name=pair_cfg.tgt.name, src=src)
-    if chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt
+def render_prompt(src: str, pair_cfg: DictConfig) -> str:
+    """The shared prompt of METHODS.md §5 (before any chat template)."""
+    return PROMPT.format(src_name=pair_cfg.src.name, tgt_name=pair_cfg.tgt.name, src=src)
 
 
 @dataclass
@@ -104,29 +101,105 @@ class Example:
     input_ids: list[int]
     labels: list[int]
 
+    @property
+    def n_prompt(self) -> int:
+        return sum(label == IGNORE_INDEX for label in self.labels)
 
-def encode_examples(corpus: ParallelCorpus, pair_cfg: DictConfig, tokenizer, max_length: int,
-                    chat_template: bool = False) -> tuple[list[Example], int]:
-    """Prompt + " target" + EOS with the loss on target tokens only.
 
-    Past `max_length` the target side is truncated; returns the examples and how many were cut.
+class SequenceFormat:
+    """The token sequences one model sees in training, probing and generation (METHODS.md §5).
+
+    Plain: the tokenizer's own special tokens (one BOS where the model uses one) + prompt, then
+    " " + target closed by the tokenizer's EOS. Chat template: exactly the tokens of
+    `apply_chat_template` for the user turn with the generation prompt, then the assistant's answer
+    as the template writes it, up to and including the template's end-of-turn token (Llama-3
+    `<|eot_id|>`, Qwen2.5 `<|im_end|>`, Gemma-2 `<end_of_turn>`).
     """
-    truncated = 0
-    examples = []
-    for src, tgt in zip(corpus.src, corpus.tgt, strict=True):
-        prompt_ids = tokenizer(render_prompt(src, pair_cfg, tokenizer, chat_template)).input_ids
-        target_ids = tokenizer(" " + tgt, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        room = max_length - len(prompt_ids)
-        if room < 1:
-            raise LadmError(
-                f"a prompt of {len(prompt_ids)} tokens leaves no room for the target under "
-                f"train.max_length={max_length}: raise train.max_length"
-            )
-        if len(target_ids) > room:
-            truncated += 1
-            target_ids = target_ids[:room]
-        examples.append(Example(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids))
-    return examples, truncated
+
+    def __init__(self, tokenizer, chat_template: bool = False, template_kwargs: dict | None = None):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.template_kwargs = dict(template_kwargs or {})
+        self.end_id = self._end_of_turn() if chat_template else tokenizer.eos_token_id
+
+    @classmethod
+    def from_cfg(cls, tokenizer, model_cfg: DictConfig) -> SequenceFormat:
+        kwargs = model_cfg.get("chat_template_kwargs")
+        return cls(tokenizer, model_cfg.chat_template, None if kwargs is None else OmegaConf.to_container(kwargs, resolve=True))
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **self.template_kwargs)
+
+    def _end_of_turn(self) -> int:
+        """The first special token the template writes after an assistant answer."""
+        user = [{"role": "user", "content": "x"}]
+        prompt = self._render(user, True)
+        full = self._render(user + [{"role": "assistant", "content": "y"}], False)
+        if not full.startswith(prompt) or full[len(prompt)] != "y":
+            raise LadmError("this chat template does not write the answer right after its generation prompt: "
+                            "set model.chat_template=false")
+        special = {i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special}
+        closing = [i for i in self.tokenizer(full[len(prompt) + 1:], add_special_tokens=False).input_ids if i in special]
+        if not closing:
+            raise LadmError("this chat template closes an answer with no special token, so generation could not stop: "
+                            "set model.chat_template=false")
+        return closing[0]
+
+    def prompt_texts(self, sources: list[str], pair_cfg: DictConfig) -> list[str]:
+        prompts = [render_prompt(src, pair_cfg) for src in sources]
+        if self.chat_template:
+            prompts = [self._render([{"role": "user", "content": p}], True) for p in prompts]
+        return prompts
+
+    def prompt_ids(self, sources: list[str], pair_cfg: DictConfig) -> list[list[int]]:
+        """Tokenised prompts; a chat template writes its own BOS, so no special tokens are added then."""
+        return self.tokenizer(self.prompt_texts(sources, pair_cfg), add_special_tokens=not self.chat_template).input_ids
+
+    def answer_ids(self, sources: list[str], targets: list[str], pair_cfg: DictConfig) -> list[list[int]]:
+        """Tokenised answers, each closed by `end_id`."""
+        if not self.chat_template:
+            answers = self.tokenizer([" " + t for t in targets], add_special_tokens=False).input_ids
+            return [ids + [self.end_id] for ids in answers]
+        texts = []
+        for src, tgt in zip(sources, targets, strict=True):
+            user = [{"role": "user", "content": render_prompt(src, pair_cfg)}]
+            prompt = self._render(user, True)
+            texts.append(self._render(user + [{"role": "assistant", "content": tgt}], False)[len(prompt):])
+        answers = self.tokenizer(texts, add_special_tokens=False).input_ids
+        return [ids[:ids.index(self.end_id) + 1] for ids in answers]
+
+    def encode(self, corpus: ParallelCorpus, pair_cfg: DictConfig) -> list[Example]:
+        """Prompt + answer, the loss on the answer and its closing token only; not truncated."""
+        prompts = self.prompt_ids(corpus.src, pair_cfg)
+        answers = self.answer_ids(corpus.src, corpus.tgt, pair_cfg)
+        return [Example(p + a, [IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers, strict=True)]
+
+    def stop_ids(self, generation_config) -> list[int]:
+        """Every end token of the model's generation config, the tokenizer's EOS and the closing token."""
+        listed = generation_config.eos_token_id
+        listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+        return sorted({*listed, self.tokenizer.eos_token_id, self.end_id})
+
+
+def quantile_length(lengths: list[int], coverage: float) -> int:
+    """The smallest length that at least `coverage` of `lengths` fit in."""
+    ordered = sorted(lengths)
+    return ordered[max(math.ceil(coverage * len(ordered)) - 1, 0)]
+
+
+def truncate(examples: list[Example], max_length: int) -> tuple[list[Example], list[bool]]:
+    """Cut the answers of examples longer than `max_length`; returns the examples and which were cut."""
+    out, cut = [], []
+    for e in examples:
+        if e.n_prompt >= max_length:
+            raise LadmError(f"a prompt of {e.n_prompt} tokens leaves no room for the target under "
+                            f"train.max_length={max_length}: raise train.max_length")
+        cut.append(len(e.input_ids) > max_length)
+        if cut[-1]:
+            e = Example(e.input_ids[:max_length], e.labels[:max_length])
+        out.append(e)
+    return out, cut
 
 
 def collate(examples: list[Example], pad_token_id: int) -> dict:
@@ -141,3 +214,45 @@ def collate(examples: list[Example], pad_token_id: int) -> dict:
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows for generation and probing; returns input ids and the attention mask."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+    return input_ids, attention_mask
+
+
+@dataclass(frozen=True)
+class LengthBudgets:
+    """`train.max_length` and, per pair, `eval.max_new_tokens` (METHODS.md §5, lengths)."""
+
+    max_length: int
+    max_new_tokens: dict[str, int]
+
+    @classmethod
+    def choose(cls, max_length: int | str, coverage: float, max_new_tokens: int | str, margin: float, context: int,
+               examples: dict[str, list[Example]], prompts: dict[str, list[list[int]]]) -> LengthBudgets:
+        """`auto`: the training budget fits `coverage` of every pair's examples; the generation budget is
+        `margin` × the longest answer of the pair's training examples. Both are capped by the context."""
+        if max_length == "auto":
+            max_length = max(quantile_length([len(e.input_ids) for e in pair_examples], coverage)
+                             for pair_examples in examples.values())
+        new_tokens = {}
+        for pair, pair_prompts in prompts.items():
+            room = context - max(map(len, pair_prompts), default=0)
+            if max_new_tokens == "auto":
+                longest = max((len(e.input_ids) - e.n_prompt for e in examples[pair]), default=0)
+                new_tokens[pair] = max(1, min(math.ceil(margin * longest), room))
+            else:
+                new_tokens[pair] = min(max_new_tokens, room)
+        return cls(min(max_length, context), new_tokens)
+
+
+def share(flags: list[bool]) -> dict[str, float | int]:
+    """How many of `flags` are set, and their share."""
+    return {"count": sum(flags), "of": len(flags), "share": sum(flags) / max(len(flags), 1)}

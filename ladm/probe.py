@@ -1,6 +1,6 @@
 """`ladm-probe`: per-layer relevance R for a reference and a target pair, ΔR, TAL/LIL (METHODS.md §1).
 
-    ladm-probe pair=zh-km                      # tiny-llama, reference zh-en
+    ladm-probe pair=zh-km                      # tiny-llama3, reference zh-en
     ladm-probe model=qwen2.5-7b model.path=/models/qwen pair=zh-lo probe.n_sentences=500
 """
 
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ladm import LadmError
 from ladm.activations import activation_disparity, layer_relevance, normalise
 from ladm.cli import cli_main
-from ladm.data import pair_config, read_split, render_prompt
+from ladm.data import SequenceFormat, pair_config, read_split
 from ladm.files import write_json_atomic
 from ladm.models import check_model_path, load_model, load_tokenizer
 from ladm.plots import pyplot, save_figure
@@ -57,13 +57,15 @@ def check_probe_cfg(cfg: DictConfig) -> None:
             raise LadmError(f"probe.{key} must be a positive integer, got {cfg.probe[key]!r}")
 
 
-def probe_inputs(cfg: DictConfig, tokenizer) -> list[list[int]]:
-    """Tokenised probe set of `cfg.pair`: the prompt, or the prompt followed by the reference."""
+def probe_inputs(cfg: DictConfig, fmt: SequenceFormat) -> list[list[int]]:
+    """Tokenised probe set of `cfg.pair`: the prompt, or the prompt followed by the reference, exactly the
+    trainer's sequence without its closing token (METHODS.md §1)."""
     corpus = read_split(cfg.data[cfg.probe.split]).head(cfg.probe.n_sentences)
-    texts = [render_prompt(s, cfg.pair, tokenizer, cfg.model.chat_template) for s in corpus.src]
-    if cfg.probe.input == "prompt+reference":
-        texts = [f"{text} {ref}" for text, ref in zip(texts, corpus.tgt, strict=True)]
-    return tokenizer(texts).input_ids
+    prompts = fmt.prompt_ids(corpus.src, cfg.pair)
+    if cfg.probe.input == "prompt":
+        return prompts
+    answers = fmt.answer_ids(corpus.src, corpus.tgt, cfg.pair)
+    return [prompt + answer[:-1] for prompt, answer in zip(prompts, answers, strict=True)]
 
 
 def probe_key(cfg: DictConfig) -> str:
@@ -74,6 +76,7 @@ def probe_key(cfg: DictConfig) -> str:
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "pairs": [ref_cfg.pair.name, cfg.pair.name],
         "probe": {k: cfg.probe[k] for k in ("split", "n_sentences", "input")},
+        "sequences": 2,  # how probe inputs are built (2: the trainer's token sequences)
         "files": [OmegaConf.to_container(c.data[split], resolve=True) for c in (ref_cfg, cfg)],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -88,8 +91,9 @@ def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dic
         log.info("ΔR probe: reusing %s", cache)
         return json.loads(cache.read_text())
     relevance = {}
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
     for name, pair_cfg in (("R_hi", ref_cfg), ("R_lo", cfg)):
-        inputs = probe_inputs(pair_cfg, tokenizer)
+        inputs = probe_inputs(pair_cfg, fmt)
         relevance[name] = layer_relevance(model, inputs, tokenizer.pad_token_id, cfg.probe.batch_size,
                                           desc=f"probe {pair_cfg.pair.name}").tolist()
     measured = {"model": cfg.model.name, "model_path": cfg.model.path, "n_layers": len(relevance["R_hi"]),
@@ -151,7 +155,7 @@ def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
     selection = Selection.from_cfg(cfg)
     reference_pair_cfg(cfg)
     check_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     report = delta_r_report(measure_relevance(model, tokenizer, cfg), cfg.probe, selection)

@@ -168,7 +168,27 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return "–" if value is None else (f"{value:+.2f}" if signed else f"{value:.2f}")
 
 
-def to_markdown(tables: list[Table], failed: list[dict]) -> str:
+def _share(counted: dict | None) -> str:
+    return "–" if counted is None else f"{100 * counted['share']:.1f}% ({counted['count']}/{counted['of']})"
+
+
+def length_lines(jobs: list[Job]) -> list[str]:
+    """Per run and pair: the length budgets and what they cut (METHODS.md §5, lengths)."""
+    rows = []
+    for job in jobs:
+        r = job.results
+        for pair in r["pairs"]:
+            truncated, hit = r.get("truncated_train", {}).get(pair), r.get("hit_generation_budget", {}).get(pair)
+            if truncated is not None or hit is not None:
+                rows.append(f"| {job.row} | {pair} | {r.get('train', {}).get('max_length', '–')} | {_share(truncated)} "
+                            f"| {r.get('max_new_tokens', {}).get(pair, '–')} | {_share(hit)} |")
+    if not rows:
+        return []
+    return ["", "### Length budgets", "", "| run | pair | train.max_length | truncated training examples "
+            "| eval.max_new_tokens | hypotheses that hit the budget |", "|---|---|---:|---:|---:|---:|", *rows]
+
+
+def to_markdown(tables: list[Table], failed: list[dict], jobs: list[Job]) -> str:
     out = []
     for t in tables:
         out += [f"### {METRICS[t.metric]}", "", "| method | " + " | ".join(t.pairs) + " | avg | Δ avg vs LoRA |",
@@ -177,6 +197,7 @@ def to_markdown(tables: list[Table], failed: list[dict]) -> str:
                 for row, cells, avg, delta in t.rows]
         out.append("")
     out.append(f"† paired bootstrap resampling against LoRA (sacrebleu, 1000 samples): p < {P_THRESHOLD}.")
+    out += length_lines(jobs)
     if failed:
         out += ["", "### Failed jobs", ""] + [f"- `{f['job']}`: {f['error']}" for f in failed]
     return "\n".join(out) + "\n"
@@ -280,7 +301,7 @@ def report(sweep_dir: Path, out_dir: Path | None = None, wandb_log: bool = True)
     tables = build_tables(jobs)
     out_dir = out_dir or sweep_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = to_markdown(tables, failed)
+    markdown = to_markdown(tables, failed, jobs)
     written = {"md": out_dir / "report.md", "csv": out_dir / "report.csv", "tex": out_dir / "report.tex"}
     write_text_atomic(written["md"], markdown)
     write_text_atomic(written["csv"], to_csv(jobs))

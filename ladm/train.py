@@ -1,6 +1,6 @@
 """`ladm-train`: compose → build → fit → evaluate → results.json.
 
-    ladm-train model=tiny-qwen2 pair=zh-km method=lora
+    ladm-train model=tiny-qwen2.5 pair=zh-km method=lora
     ladm-train -m experiment=demo
 """
 
@@ -19,13 +19,13 @@ from transformers import set_seed
 from ladm import LadmError
 from ladm.checkpoint import latest_checkpoint, load_checkpoint
 from ladm.cli import cli_main
-from ladm.data import encode_examples, pair_config, read_split, render_prompt
+from ladm.data import LengthBudgets, SequenceFormat, pair_config, read_split, share, truncate
 from ladm.distributed import DistEnv
 from ladm.evaluate import translate
 from ladm.files import write_json_atomic, write_lines_atomic
 from ladm.methods import build_method
 from ladm.metrics import Scorer
-from ladm.models import check_model_path, load_model, load_tokenizer
+from ladm.models import check_model_path, context_length, load_model, load_tokenizer
 from ladm.tracking import Tracker
 from ladm.trainer import OPTIMIZERS, fit
 
@@ -38,8 +38,14 @@ def check_numbers(cfg: DictConfig) -> None:
     for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.max_length",
                 "eval.batch_size", "eval.max_new_tokens", "eval.num_beams"):
         value = OmegaConf.select(cfg, key)
+        if value == "auto" and key in ("train.max_length", "eval.max_new_tokens"):
+            continue
         if not isinstance(value, (int, float)) or value <= 0:
-            raise LadmError(f"{key} must be a positive number, got {value!r}")
+            raise LadmError(f"{key} must be a positive number{' or auto' if 'max_' in key else ''}, got {value!r}")
+    if not 0 < cfg.train.length_coverage <= 1:
+        raise LadmError(f"train.length_coverage must lie in (0, 1], got {cfg.train.length_coverage}")
+    if cfg.eval.length_margin < 1:
+        raise LadmError(f"eval.length_margin must be ≥ 1, got {cfg.eval.length_margin}")
     if cfg.train.optimizer not in OPTIMIZERS:
         raise LadmError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.train.optimizer}'")
     for key in ("data.max_train_samples", "eval.max_samples"):
@@ -76,9 +82,17 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     test_corpora = {name: read_split(c.data.test).head(cfg.eval.max_samples) for name, c in pair_cfgs.items()}
     scorer = Scorer.preflight(cfg.eval)
 
+    tokenizer = load_tokenizer(cfg.model)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    train_examples = {name: fmt.encode(train_corpora[name], c.pair) for name, c in pair_cfgs.items()}
+    test_prompts = {name: fmt.prompt_ids(test_corpora[name].src, c.pair) for name, c in pair_cfgs.items()}
+    budgets = LengthBudgets.choose(cfg.train.max_length, cfg.train.length_coverage, cfg.eval.max_new_tokens,
+                                   cfg.eval.length_margin, context_length(cfg.model), train_examples, test_prompts)
+    log.info("length budgets: train.max_length=%d, eval.max_new_tokens=%s", budgets.max_length, budgets.max_new_tokens)
+
     set_seed(cfg.train.seed)  # adapter initialisation is seeded too
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, tokenizer).to(dist.device)
+    stop_ids = fmt.stop_ids(model.generation_config)
     model = method.prepare_model(model, tokenizer)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -88,19 +102,24 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tracker = Tracker(cfg, out_dir, dist.is_main, resume_id=resume_id)
     tracker.config({"method_details": method.describe()})
 
+    hit_budget: dict[str, dict] = {}
+
     def evaluate(step: int | None = None) -> dict[str, tuple[list[str], dict, dict]]:
         """Per pair, with that pair's adapters: every rank translates its share, rank 0 scores the whole."""
         outcome = {}
-        for name, pair_cfg in pair_cfgs.items():
+        for name in pair_cfgs:
             method.select_adapters(model, name)
-            corpus = test_corpora[name]
-            prompts = [render_prompt(s, pair_cfg.pair, tokenizer, cfg.model.chat_template) for s in corpus.src]
-            shard = translate(model, tokenizer, prompts[dist.rank::dist.world_size], cfg.eval.batch_size,
-                              cfg.eval.max_new_tokens, cfg.eval.num_beams, desc=f"generate {name}")
-            hypotheses = [""] * len(prompts)
+            corpus, prompts = test_corpora[name], test_prompts[name]
+            shard = translate(model, tokenizer, prompts[dist.rank::dist.world_size], stop_ids, cfg.eval.batch_size,
+                              budgets.max_new_tokens[name], cfg.eval.num_beams, desc=f"generate {name}")
+            hypotheses, hit = [""] * len(prompts), [False] * len(prompts)
             for rank, part in enumerate(dist.gather(shard)):
-                hypotheses[rank::dist.world_size] = part
+                hypotheses[rank::dist.world_size], hit[rank::dist.world_size] = part.hypotheses, part.hit_budget
             if dist.is_main:
+                hit_budget[name] = share(hit)
+                if hit_budget[name]["count"]:
+                    log.warning("%s: %.1f%% of hypotheses ran to eval.max_new_tokens=%d without ending", name,
+                                100 * hit_budget[name]["share"], budgets.max_new_tokens[name])
                 metrics, signatures = scorer.score(corpus.src, hypotheses, corpus.tgt, comet=step is None)
                 tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items() if v is not None},
                             step=step or cfg.train.max_steps)
@@ -108,19 +127,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         return outcome
 
     train_stats: dict = {}
+    truncated_train: dict[str, dict] = {}
     if method.trains:
-        examples, truncated = {}, 0
-        for name, pair_cfg in pair_cfgs.items():
-            examples[name], cut = encode_examples(train_corpora[name], pair_cfg.pair, tokenizer, cfg.train.max_length,
-                                                  cfg.model.chat_template)
-            truncated += cut
-        n_train = sum(map(len, examples.values()))
-        if truncated:
-            log.warning("%d of %d training targets were truncated to train.max_length=%d",
-                        truncated, n_train, cfg.train.max_length)
+        examples = {}
+        for name, pair_examples in train_examples.items():
+            examples[name], cut = truncate(pair_examples, budgets.max_length)
+            truncated_train[name] = share(cut)
+            if truncated_train[name]["count"]:
+                log.warning("%s: %.1f%% of training examples were truncated to train.max_length=%d", name,
+                            100 * truncated_train[name]["share"], budgets.max_length)
         train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker, out_dir,
                           resume_from=checkpoint, on_eval=evaluate)
-        train_stats |= {"n_train": n_train, "truncated_targets": truncated}
+        train_stats |= {"n_train": sum(map(len, examples.values())), "max_length": budgets.max_length}
 
     eval_started = time.perf_counter()
     outcome = evaluate()
@@ -149,6 +167,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "method_details": method.describe(),
         "world_size": dist.world_size,
         "train": {k: v for k, v in train_stats.items() if k != "losses"},
+        "max_new_tokens": budgets.max_new_tokens,
+        "truncated_train": truncated_train,
+        "hit_generation_budget": hit_budget,
         "timings": {"total_s": time.perf_counter() - started, "train_s": train_stats.get("seconds", 0.0),
                     "eval_s": eval_seconds},
         "versions": {name: version(name) for name in VERSIONED} | {"python": platform.python_version()},

@@ -11,7 +11,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -22,6 +21,7 @@ from ladm import LadmError
 from ladm.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, trainable_state
 from ladm.data import IGNORE_INDEX, Example, collate
 from ladm.distributed import DistEnv
+from ladm.losses import target_token_loss_sum
 from ladm.methods import Method
 from ladm.tracking import Tracker
 
@@ -40,19 +40,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
-
-
-def target_token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                          inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens of a batch (optionally fed as embeddings)."""
-    inputs = {"input_ids": batch["input_ids"]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    logits = model(**inputs, attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 def _batches(loader: DataLoader, sampler: DistributedSampler, consumed: int = 0) -> Iterator[dict]:

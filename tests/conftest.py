@@ -38,12 +38,14 @@ def make_cfg(cache_dir):
 
 @pytest.fixture
 def repeated_corpus(tmp_path) -> tuple[Path, Path]:
-    """A tiny zh→lo corpus (8 real FLORES pairs repeated), aligned text files."""
+    """A tiny zh→lo corpus (the 8 FLORES dev pairs with the shortest Lao side, repeated), aligned text files."""
     from ladm import REPO_ROOT
 
     flores = REPO_ROOT / "data" / "flores200" / "dev"
-    src = (flores / "zho_Hans.dev").read_text(encoding="utf-8").splitlines()[:8]
-    tgt = (flores / "lao_Laoo.dev").read_text(encoding="utf-8").splitlines()[:8]
+    all_src = (flores / "zho_Hans.dev").read_text(encoding="utf-8").splitlines()
+    all_tgt = (flores / "lao_Laoo.dev").read_text(encoding="utf-8").splitlines()
+    shortest = sorted(range(len(all_tgt)), key=lambda i: (len(all_tgt[i]), i))[:8]
+    src, tgt = [all_src[i] for i in shortest], [all_tgt[i] for i in shortest]
     src_path, tgt_path = tmp_path / "train.zh", tmp_path / "train.lo"
     src_path.write_text("\n".join(src * 4) + "\n", encoding="utf-8")
     tgt_path.write_text("\n".join(tgt * 4) + "\n", encoding="utf-8")

@@ -26,7 +26,7 @@ def cli_error(monkeypatch, capsys, tmp_path, *args: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("group,valid", [("model", "tiny-llama"), ("pair", "zh-lo"), ("method", "lora")])
+@pytest.mark.parametrize("group,valid", [("model", "tiny-llama3"), ("pair", "zh-lo"), ("method", "lora")])
 def test_unknown_group_option_lists_valid_ones(monkeypatch, capsys, tmp_path, group, valid):
     line = cli_error(monkeypatch, capsys, tmp_path, f"{group}=nope")
     assert f"unknown {group} 'nope'" in line and valid in line
@@ -79,13 +79,14 @@ def test_missing_spm_model_fails_before_training(monkeypatch, capsys, tmp_path):
 def test_tokenizer_without_pad_token_pads_with_eos(make_cfg, tmp_path, caplog):
     """A local model directory (the `model.path` code path) whose tokenizer has no pad token."""
     cfg = make_cfg()
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     load_model(cfg.model, tokenizer).save_pretrained(tmp_path / "model")
-    no_pad = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    no_pad = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<|begin_of_text|>",
+                                     eos_token="<|end_of_text|>")
     no_pad.save_pretrained(tmp_path / "model")
     local = make_cfg("model=llama3.1-8b", f"model.path={tmp_path / 'model'}", "model.dtype=float32").model
-    with caplog.at_level(logging.WARNING):
-        loaded = load_tokenizer(local, cfg.cache_dir)
+    with caplog.at_level(logging.INFO):
+        loaded = load_tokenizer(local)
     assert loaded.pad_token_id == loaded.eos_token_id
     assert "no pad token" in caplog.text
     assert load_model(local, loaded).generation_config.pad_token_id == loaded.eos_token_id
@@ -93,4 +94,4 @@ def test_tokenizer_without_pad_token_pads_with_eos(make_cfg, tmp_path, caplog):
 
 def test_unloadable_hub_id_is_one_line(make_cfg):
     with pytest.raises(LadmError, match="cannot load the tokenizer of nobody/no-such-model"):
-        load_tokenizer(make_cfg("model=qwen2.5-7b", "model.path=nobody/no-such-model").model, "/tmp")
+        load_tokenizer(make_cfg("model=qwen2.5-7b", "model.path=nobody/no-such-model").model)

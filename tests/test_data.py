@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ladm import LadmError
-from ladm.data import IGNORE_INDEX, ParallelCorpus, collate, encode_examples, read_split, render_prompt
+from ladm.data import ParallelCorpus, SequenceFormat, collate, read_split, render_prompt, truncate
 from ladm.models import load_tokenizer
 
 
@@ -14,33 +14,20 @@ def test_prompt_matches_methods_md(make_cfg):
     assert render_prompt("你好", cfg.pair) == "Translate the following Chinese text into Khmer.\nChinese: 你好\nKhmer:"
 
 
-def test_loss_covers_target_tokens_only(make_cfg):
+def test_long_answers_are_truncated_and_counted(make_cfg):
     cfg = make_cfg()
-    tok = load_tokenizer(cfg.model, cfg.cache_dir)
-    corpus = ParallelCorpus(["你好"], ["ສະບາຍດີ"])
-    (example,), truncated = encode_examples(corpus, cfg.pair, tok, max_length=256)
-    prompt_ids = tok(render_prompt("你好", cfg.pair)).input_ids
-    target_ids = tok(" ສະບາຍດີ", add_special_tokens=False).input_ids + [tok.eos_token_id]
-    assert truncated == 0
-    assert example.input_ids == prompt_ids + target_ids
-    assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + target_ids
-    assert prompt_ids[0] == tok.bos_token_id
-
-
-def test_long_targets_are_truncated_and_counted(make_cfg):
-    cfg = make_cfg()
-    tok = load_tokenizer(cfg.model, cfg.cache_dir)
-    corpus = ParallelCorpus(["你好", "你好"], ["ສະບາຍດີ", "ສະບາຍດີ " * 50])
-    examples, truncated = encode_examples(corpus, cfg.pair, tok, max_length=40)
-    assert truncated == 1
-    assert len(examples[1].input_ids) == 40 and len(examples[0].input_ids) < 40
+    fmt = SequenceFormat.from_cfg(load_tokenizer(cfg.model), cfg.model)
+    examples = fmt.encode(ParallelCorpus(["你好", "你好"], ["ສະບາຍດີ", "ສະບາຍດີ " * 50]), cfg.pair)
+    cut_examples, cut = truncate(examples, 40)
+    assert cut == [False, True]
+    assert cut_examples[1].input_ids == examples[1].input_ids[:40] and cut_examples[0] == examples[0]
 
 
 def test_prompt_longer_than_max_length_is_an_error(make_cfg):
     cfg = make_cfg()
-    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    fmt = SequenceFormat.from_cfg(load_tokenizer(cfg.model), cfg.model)
     with pytest.raises(LadmError, match="raise train.max_length"):
-        encode_examples(ParallelCorpus(["你好" * 50], ["x"]), cfg.pair, tok, max_length=10)
+        truncate(fmt.encode(ParallelCorpus(["你好" * 50], ["x"]), cfg.pair), 10)
 
 
 def test_collate_right_pads_and_masks():

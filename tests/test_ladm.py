@@ -22,7 +22,7 @@ MULTIPLIERS = [2.0, 1.0, 1.0, 0.0]
 @pytest.fixture
 def delta_r_file(tmp_path):
     path = tmp_path / "delta_r.json"
-    path.write_text(json.dumps({"model": "tiny-llama", "n_layers": 4, "reference_pair": "zh-en", "pair": "zh-lo",
+    path.write_text(json.dumps({"model": "tiny-llama3", "n_layers": 4, "reference_pair": "zh-en", "pair": "zh-lo",
                                 "n_sentences": 8, "R_hi": R_HI, "R_lo": R_LO}))
     return path
 
@@ -95,7 +95,7 @@ def test_strength_zero_reproduces_lora_exactly(make_cfg, files_overrides, tmp_pa
 
 def test_forward_mode_scales_lora_output_and_survives_reload(make_cfg, delta_r_file, tmp_path):
     cfg = make_cfg(*ladm_overrides(delta_r_file, "forward"))
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     model = build_method(cfg).prepare_model(load_model(cfg.model, tokenizer), tokenizer)
     base_scaling = cfg.method.alpha / cfg.method.r
     for name, module in model.named_modules():
@@ -130,7 +130,7 @@ def test_ladm_end_to_end_probes_trains_and_saves_a_peft_adapter(make_cfg, files_
     assert {"grad_norm/tal", "grad_norm/lil", "grad_norm/other"} <= set(history[0])
     assert config["method_details"]["multipliers"] == details["multipliers"]
 
-    tokenizer = load_tokenizer(make_cfg().model, make_cfg().cache_dir)
+    tokenizer = load_tokenizer(make_cfg().model)
     PeftModel.from_pretrained(load_model(make_cfg().model, tokenizer), tmp_path / "a" / "adapter")
 
     run(make_cfg(*common, "strength=s1"), tmp_path / "b")  # a strength sweep reuses the cached ΔR

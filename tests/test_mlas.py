@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from ladm import LadmError
 from ladm.awareness import NeuronAwareness, classify, extract, linear_maps, load_or_compute, pick
-from ladm.data import collate, encode_examples, read_split
+from ladm.data import SequenceFormat, collate, read_split
 from ladm.methods import build_method
 from ladm.models import decoder_layers, load_model, load_tokenizer
 from ladm.train import run
@@ -19,10 +19,10 @@ FAST = ["probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r
 
 def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
     cfg = make_cfg()
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
     corpus = read_split(cfg.data.train).head(3)
-    batch = collate(encode_examples(corpus, cfg.pair, tokenizer, 256)[0], tokenizer.pad_token_id)
+    batch = collate(SequenceFormat.from_cfg(tokenizer, cfg.model).encode(corpus, cfg.pair), tokenizer.pad_token_id)
     maps = linear_maps(decoder_layers(model)[1], ["q_proj", "down_proj"])
     awareness = NeuronAwareness(maps)
     with awareness:
@@ -85,7 +85,7 @@ def test_extraction_keeps_original_order_and_highest_awareness():
 def mlas_setup(make_cfg):
     def build(*overrides):
         cfg = make_cfg("method=mlas_lora", *FAST, *overrides)
-        tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+        tokenizer = load_tokenizer(cfg.model)
         method = build_method(cfg)
         base = load_model(cfg.model, tokenizer)
         reference = load_model(cfg.model, tokenizer)
@@ -142,7 +142,7 @@ def test_only_the_general_and_active_pair_adapters_train(make_cfg, files_overrid
                  "eval.max_new_tokens=2", "eval.max_samples=1", "data.max_train_samples=8"]
     run(make_cfg(*overrides), tmp_path / "one")
     cfg = make_cfg(*overrides)
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     from transformers import set_seed
 
     set_seed(cfg.train.seed)
@@ -163,7 +163,7 @@ def test_end_to_end_two_pairs_each_with_its_own_adapters(make_cfg, tmp_path):
         assert len((tmp_path / "predictions" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 3
     assert len(results["method_details"]["teacher_layers"]) == 4
     cfg = make_cfg()
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     peft_model = PeftModel.from_pretrained(load_model(cfg.model, tokenizer), tmp_path / "adapter" / "general",
                                            adapter_name="general")
     peft_model.load_adapter(tmp_path / "adapter" / "pair_zh-km", adapter_name="pair_zh-km")
@@ -172,10 +172,10 @@ def test_end_to_end_two_pairs_each_with_its_own_adapters(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model@method.teacher=tiny-qwen2", "method.teacher.tiny.vocab_size=6000", "method.teacher.tiny.hidden_size=256",
-      "method.teacher.tiny.num_hidden_layers=6"], "use different tokenizers"),
-    (["method.teacher.tiny.num_hidden_layers=2"], "has 2 layers, fewer than the student's 4"),
-    (["method.teacher.tiny.intermediate_size=256"], "narrower than the student's"),
+    (["model@method.teacher=tiny-qwen2.5", "method.teacher.random_init.config.hidden_size=256",
+      "method.teacher.random_init.config.num_hidden_layers=6"], "use different tokenizers"),
+    (["method.teacher.random_init.config.num_hidden_layers=2"], "has 2 layers, fewer than the student's 4"),
+    (["method.teacher.random_init.config.intermediate_size=96"], "narrower than the student's"),
     (["method.lambda=0"], "method.lambda must lie in (0, 1]"),
     (["method.lambda=1.5"], "method.lambda must lie in (0, 1]"),
     (["method.r_spe=65"], "method.r_spe=65 exceeds the rank"),
@@ -184,7 +184,7 @@ def test_bad_mlas_input(make_cfg, tmp_path, overrides, message):
     with pytest.raises(LadmError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
         method = build_method(make_cfg("method=mlas_lora", *FAST, *overrides))
         cfg = method.cfg
-        tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+        tokenizer = load_tokenizer(cfg.model)
         method.prepare_model(load_model(cfg.model, tokenizer), tokenizer)
 
 

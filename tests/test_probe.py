@@ -14,7 +14,7 @@ from ladm.probe import probe_key
 @pytest.fixture
 def tiny(make_cfg):
     cfg = make_cfg()
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval()
     texts = [render_prompt(s, cfg.pair) for s in ["你好", "今天天气很好，我们去公园散步吧。", "他在读一本很长的书。", "一"]]
     return model, tokenizer, tokenizer(texts).input_ids
@@ -155,8 +155,8 @@ def test_ladm_probe_cli_on_a_local_model_directory(make_cfg, tmp_path, cache_dir
 
     from ladm import REPO_ROOT
 
-    cfg = make_cfg("model=tiny-qwen2")
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    cfg = make_cfg("model=tiny-qwen2.5")
+    tokenizer = load_tokenizer(cfg.model)
     load_model(cfg.model, tokenizer).save_pretrained(tmp_path / "qwen")
     tokenizer.save_pretrained(tmp_path / "qwen")
     out = tmp_path / "probe"

@@ -22,17 +22,19 @@ def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-
     job = root / name
     write_lines_atomic(job / "predictions" / f"{pair}.hyp", hyps)
     write_lines_atomic(job / "predictions" / f"{pair}.ref", REFS)
-    config = {"name": "synthetic", "model": {"name": "tiny-llama"}, "method": {"name": method}, "pair": {"name": pair},
+    config = {"name": "synthetic", "model": {"name": "tiny-llama3"}, "method": {"name": method}, "pair": {"name": pair},
               "logger": {"name": "none", "mode": "disabled"}}
     details = {}
     if strength is not None:
         config["strength"] = {"name": f"s{strength}", "alpha": strength, "beta": strength}
         details = {"pair": pair, "delta_r": [0.1, -0.2, 0.05, 0.0]}
     write_json_atomic(job / "results.json", {
-        "status": status, "model": "tiny-llama", "method": method, "pairs": [pair], "test_set": test_set,
+        "status": status, "model": "tiny-llama3", "method": method, "pairs": [pair], "test_set": test_set,
         "n_test": {pair: len(REFS)}, "metrics": {pair: {"chrf++": CHRF(word_order=2).corpus_score(hyps, [REFS]).score,
                                                 "spbleu": None}},
-        "method_details": details, "config": config})
+        "method_details": details, "config": config, "train": {"max_length": 300}, "max_new_tokens": {pair: 50},
+        "truncated_train": {pair: {"count": 3, "of": 200, "share": 3 / 200}},
+        "hit_generation_budget": {pair: {"count": 1, "of": len(REFS), "share": 1 / len(REFS)}}})
 
 
 @pytest.fixture
@@ -58,6 +60,8 @@ def test_tables_match_independent_scores_and_mark_significance(sweep, capsys):
     markdown = written["md"].read_text()
     good, poor = chrf.corpus_score(GOOD, [REFS]).score, chrf.corpus_score(POOR, [REFS]).score
     assert f"| ladm s1.0 | {good:.2f}† | {good:.2f}† | {good:.2f} | {good - poor:+.2f} |" in markdown
+    hit = f"{100 / len(REFS):.1f}% (1/{len(REFS)})"
+    assert f"| lora | zh-km | 300 | 1.5% (3/200) | 50 | {hit} |" in markdown  # the length budgets and their cuts
     assert f"| lora | {poor:.2f} | {poor:.2f} | {poor:.2f} | +0.00 |" in markdown
     assert "spBLEU" not in markdown  # never measured, never shown
     assert "`broken`: LadmError: out of memory" in markdown

