@@ -59,12 +59,14 @@ def model_config(model_cfg: DictConfig) -> PretrainedConfig:
     """The transformers config of `model.path`, resized by `model.random_init.config` (no weights read)."""
     check_model_path(model_cfg)
     try:
-        config = AutoConfig.from_pretrained(_resolve(model_cfg.path))
+        values, _ = PretrainedConfig.get_config_dict(_resolve(model_cfg.path))
     except OSError as err:
         raise LadmError(f"cannot read the config of {model_cfg.path}: {str(err).splitlines()[0]} "
                         "(download the model first, or set model.path to a local directory)") from err
     if model_cfg.get("random_init"):
-        config.update(OmegaConf.to_container(model_cfg.random_init.config, resolve=True))
+        # Resized before the config is built, so derived fields (e.g. per-layer attention types) follow.
+        values |= OmegaConf.to_container(model_cfg.random_init.config, resolve=True)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
     config._attn_implementation = model_cfg.attn_implementation
     return config
 

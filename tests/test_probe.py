@@ -85,7 +85,7 @@ class ToyLM(nn.Module):
         self.model = nn.Module()
         self.model.layers = nn.ModuleList([ToyLayer(lambda x: x + torch.tensor([1.0, -2.0])), ToyLayer(lambda x: 3 * x)])
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
         x = self.embed(input_ids)
         for layer in self.model.layers:
             x = layer(x)[0]
