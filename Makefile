@@ -41,6 +41,7 @@ train-ddp: $(STAMP) ## data-parallel training on this box: make train-ddp NPROC=
 bench: $(STAMP) ## speed benchmarks (ratios measured in one process)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_eval.py
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_ladm.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_loss.py
 
 clean: ## remove run outputs (keeps $(VENV))
 	rm -rf multirun outputs wandb

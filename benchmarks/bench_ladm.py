@@ -24,9 +24,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from ladm import CONFIG_DIR  # noqa: E402
 from ladm.activations import LayerRelevance  # noqa: E402
 from ladm.data import SequenceFormat, collate, left_pad, read_split  # noqa: E402
+from ladm.losses import target_token_loss_sum  # noqa: E402
 from ladm.methods import build_method  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
-from ladm.losses import target_token_loss_sum  # noqa: E402
 
 
 def build(cfg, tokenizer, device):

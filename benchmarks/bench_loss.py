@@ -52,7 +52,12 @@ def measure(variant: str, model_name: str, batch_size: int) -> dict:
     else:
         before = current_rss()
     sampled, stop = [before], threading.Event()
-    sampler = threading.Thread(target=lambda: [sampled.append(current_rss()) for _ in iter(lambda: stop.wait(1e-3), True)])
+
+    def sample() -> None:
+        while not stop.wait(1e-3):
+            sampled.append(current_rss())
+
+    sampler = threading.Thread(target=sample)
     sampler.start()
     start = time.perf_counter()
     LOSSES[variant](model, batch).backward()

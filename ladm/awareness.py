@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from ladm import LadmError
 from ladm.activations import layer_relevance
 from ladm.cli import cli_main
-from ladm.data import LengthBudgets, SequenceFormat, collate, pair_config, read_split, truncate
+from ladm.data import SequenceFormat, collate, pair_config, read_split, training_max_length, truncate
 from ladm.files import write_json_atomic
-from ladm.models import context_length, decoder_layers, load_model, load_tokenizer, model_config
 from ladm.losses import IGNORE_INDEX, target_token_loss_sum
+from ladm.models import context_length, decoder_layers, load_model, load_tokenizer, model_config
 
 log = logging.getLogger("ladm.awareness")
 
@@ -180,8 +180,8 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
 
     encoded = {p: fmt.encode(read_split(pair_config(cfg, p).data[cfg.probe.split]).head(cfg.probe.n_sentences),
                              pair_config(cfg, p).pair) for p in pairs}
-    max_length = LengthBudgets.choose(cfg.train.max_length, cfg.train.length_coverage, 1, 1.0,
-                                      context_length(cfg.method.teacher), encoded, {}).max_length
+    max_length = training_max_length(cfg.train.max_length, cfg.train.length_coverage,
+                                     context_length(cfg.method.teacher), encoded)
     phi: dict[tuple[str, str], list[torch.Tensor]] = {}
     for p in pairs:
         examples, _ = truncate(encoded[p], max_length)

@@ -227,6 +227,15 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, to
     return input_ids, attention_mask
 
 
+def training_max_length(max_length: int | str, coverage: float, context: int, examples: dict[str, list[Example]]) -> int:
+    """`train.max_length`: as given, or (`auto`) the length that fits `coverage` of every pair's examples;
+    capped by the context."""
+    if max_length == "auto":
+        max_length = max(quantile_length([len(e.input_ids) for e in pair_examples], coverage)
+                         for pair_examples in examples.values())
+    return min(max_length, context)
+
+
 @dataclass(frozen=True)
 class LengthBudgets:
     """`train.max_length` and, per pair, `eval.max_new_tokens` (METHODS.md §5, lengths)."""
@@ -239,9 +248,6 @@ class LengthBudgets:
                examples: dict[str, list[Example]], prompts: dict[str, list[list[int]]]) -> LengthBudgets:
         """`auto`: the training budget fits `coverage` of every pair's examples; the generation budget is
         `margin` × the longest answer of the pair's training examples. Both are capped by the context."""
-        if max_length == "auto":
-            max_length = max(quantile_length([len(e.input_ids) for e in pair_examples], coverage)
-                             for pair_examples in examples.values())
         new_tokens = {}
         for pair, pair_prompts in prompts.items():
             room = context - max(map(len, pair_prompts), default=0)
@@ -250,7 +256,7 @@ class LengthBudgets:
                 new_tokens[pair] = max(1, min(math.ceil(margin * longest), room))
             else:
                 new_tokens[pair] = min(max_new_tokens, room)
-        return cls(min(max_length, context), new_tokens)
+        return cls(training_max_length(max_length, coverage, context, examples), new_tokens)
 
 
 def share(flags: list[bool]) -> dict[str, float | int]:

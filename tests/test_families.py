@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from transformers import GenerationConfig
 
 from ladm import REPO_ROOT
 from ladm.data import LengthBudgets, SequenceFormat, collate, read_split, render_prompt
@@ -149,14 +148,13 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(make_cfg, family, mo
         assert (ours - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 
+DEEPER_WIDER = [f"method.teacher.random_init.config.{key}={value}" for key, value in
+                (("num_hidden_layers", 6), ("hidden_size", 96), ("intermediate_size", 192),
+                 ("num_attention_heads", 6), ("num_key_value_heads", 3))]
 TEACHERS = {  # a deeper, wider teacher of the same family (same tokenizer)
     "llama3": ["model@method.teacher=tiny-llama3-teacher"],
-    "qwen2.5": ["model@method.teacher=tiny-qwen2.5", "method.teacher.random_init.config.num_hidden_layers=6",
-                "method.teacher.random_init.config.hidden_size=96", "method.teacher.random_init.config.intermediate_size=192",
-                "method.teacher.random_init.config.num_attention_heads=6", "method.teacher.random_init.config.num_key_value_heads=3"],
-    "gemma2": ["model@method.teacher=tiny-gemma2", "method.teacher.random_init.config.num_hidden_layers=6",
-               "method.teacher.random_init.config.hidden_size=96", "method.teacher.random_init.config.intermediate_size=192",
-               "method.teacher.random_init.config.num_attention_heads=6", "method.teacher.random_init.config.num_key_value_heads=3"],
+    "qwen2.5": ["model@method.teacher=tiny-qwen2.5", *DEEPER_WIDER],
+    "gemma2": ["model@method.teacher=tiny-gemma2", *DEEPER_WIDER],
 }
 
 
