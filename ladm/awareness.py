@@ -25,6 +25,7 @@ from ladm.data import SequenceFormat, collate, pair_config, read_split, training
 from ladm.files import write_json_atomic
 from ladm.losses import IGNORE_INDEX, target_token_loss_sum
 from ladm.models import context_length, decoder_layers, load_model, load_tokenizer, model_config
+from ladm.schema import validate
 
 log = logging.getLogger("ladm.awareness")
 
@@ -242,6 +243,7 @@ def run_awareness(cfg: DictConfig, out_dir: Path) -> dict:
     """`python -m ladm.awareness`: compute (or reuse) the stage and copy its summary into the run folder."""
     from ladm.methods.mlas_lora import check_mlas_cfg
 
+    validate(cfg)
     check_mlas_cfg(cfg)
     tokenizer = load_tokenizer(cfg.model)
     _, summary = load_or_compute(cfg, tokenizer, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

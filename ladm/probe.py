@@ -21,10 +21,9 @@ from ladm.data import SequenceFormat, pair_config, read_split
 from ladm.files import write_json_atomic
 from ladm.models import check_model_path, load_model, load_tokenizer
 from ladm.plots import pyplot, save_figure
+from ladm.schema import validate
 
 log = logging.getLogger("ladm.probe")
-PROBE_CHOICES = {"split": ("train", "test"), "input": ("prompt", "prompt+reference"),
-                 "normalisation": ("none", "sum", "zscore"), "sign": ("hi_minus_lo", "lo_minus_hi")}
 
 
 def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
@@ -46,15 +45,6 @@ def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
                         "(data.* does not depend on the pair), so its references would be mislabelled: "
                         "set probe.reference_data (format/src/tgt of the reference pair) or probe.input=prompt")
     return ref_cfg
-
-
-def check_probe_cfg(cfg: DictConfig) -> None:
-    for key, allowed in PROBE_CHOICES.items():
-        if cfg.probe[key] not in allowed:
-            raise LadmError(f"probe.{key} must be one of {' | '.join(allowed)}, got '{cfg.probe[key]}'")
-    for key in ("n_sentences", "batch_size"):
-        if not isinstance(cfg.probe[key], int) or cfg.probe[key] <= 0:
-            raise LadmError(f"probe.{key} must be a positive integer, got {cfg.probe[key]!r}")
 
 
 def probe_inputs(cfg: DictConfig, fmt: SequenceFormat) -> list[list[int]]:
@@ -84,7 +74,6 @@ def probe_key(cfg: DictConfig) -> str:
 
 def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dict:
     """R_hi and R_lo (raw, per layer) on the base model, cached under `cache_dir/delta_r/`."""
-    check_probe_cfg(cfg)
     ref_cfg = reference_pair_cfg(cfg)
     cache = Path(cfg.cache_dir) / "delta_r" / f"{probe_key(cfg)}.json"
     if cache.is_file():
@@ -151,7 +140,7 @@ def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
     """Probe the base model, select TAL/LIL with the `method=ladm` knobs, write json and png."""
     from ladm.methods.ladm import Selection
 
-    check_probe_cfg(cfg)
+    validate(cfg)
     selection = Selection.from_cfg(cfg)
     reference_pair_cfg(cfg)
     check_model_path(cfg.model)

@@ -16,7 +16,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from ladm import LadmError
 from ladm.checkpoint import latest_checkpoint, load_checkpoint
 from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, read_split, share, truncate
@@ -26,32 +25,12 @@ from ladm.files import write_json_atomic, write_lines_atomic
 from ladm.methods import build_method
 from ladm.metrics import Scorer
 from ladm.models import check_model_path, context_length, load_model, load_tokenizer
+from ladm.schema import validate
 from ladm.tracking import Tracker
-from ladm.trainer import OPTIMIZERS, fit
+from ladm.trainer import fit
 
 log = logging.getLogger("ladm.train")
 VERSIONED = ("torch", "transformers", "peft", "sacrebleu", "unbabel-comet", "hydra-core", "wandb", "ladm")
-
-
-def check_numbers(cfg: DictConfig) -> None:
-    """Reject non-positive sizes and rates before anything is loaded."""
-    for key in ("train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.max_length",
-                "eval.batch_size", "eval.max_new_tokens", "eval.num_beams"):
-        value = OmegaConf.select(cfg, key)
-        if value == "auto" and key in ("train.max_length", "eval.max_new_tokens"):
-            continue
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise LadmError(f"{key} must be a positive number{' or auto' if 'max_' in key else ''}, got {value!r}")
-    if not 0 < cfg.train.length_coverage <= 1:
-        raise LadmError(f"train.length_coverage must lie in (0, 1], got {cfg.train.length_coverage}")
-    if cfg.eval.length_margin < 1:
-        raise LadmError(f"eval.length_margin must be ≥ 1, got {cfg.eval.length_margin}")
-    if cfg.train.optimizer not in OPTIMIZERS:
-        raise LadmError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{cfg.train.optimizer}'")
-    for key in ("data.max_train_samples", "eval.max_samples"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise LadmError(f"{key} must be a positive integer or null, got {value!r}")
 
 
 def completed_results(out_dir: Path) -> dict | None:
@@ -73,8 +52,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         log.info("skipping %s: results.json is complete (force=true to run it again)", out_dir)
         dist.close()
         return done
-    # Cheap checks first: numbers, model path, method knobs, data files, metric models.
-    check_numbers(cfg)
+    # Cheap checks first: the whole config, model path, method knobs, data files, metric models.
+    validate(cfg)
     check_model_path(cfg.model)
     method = build_method(cfg, dist)
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}

@@ -65,7 +65,7 @@ def test_model_path_that_does_not_exist(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize("override,key", [("train.max_steps=0", "train.max_steps"), ("train.lr=-1e-4", "train.lr"),
                                           ("train.batch_size=0", "train.batch_size")])
 def test_non_positive_steps_or_lr(monkeypatch, capsys, tmp_path, override, key):
-    assert f"{key} must be a positive number" in cli_error(monkeypatch, capsys, tmp_path, override)
+    assert f"{key} must be a positive" in cli_error(monkeypatch, capsys, tmp_path, override)
 
 
 def test_missing_spm_model_fails_before_training(monkeypatch, capsys, tmp_path):

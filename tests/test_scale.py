@@ -99,7 +99,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path, cache_dir, files_overri
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = {r["config"]["eval"]["num_beams"]: r for r in map(json.loads, map(Path.read_text, sweep.glob("*/results.json")))}
     assert jobs[1]["status"] == "complete"
-    assert jobs[0]["status"] == "failed" and "eval.num_beams must be a positive number" in jobs[0]["error"]
+    assert jobs[0]["status"] == "failed" and "eval.num_beams must be a positive integer" in jobs[0]["error"]
 
 
 def test_submitit_local_sweep_of_two_jobs(tmp_path, cache_dir, files_overrides):

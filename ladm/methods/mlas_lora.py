@@ -17,23 +17,16 @@ from ladm.methods.base import Method
 from ladm.models import decoder_layers
 
 log = logging.getLogger(__name__)
-CHOICES = {"adapters": ("general+specific", "specific", "single"), "init": ("teacher", "random"),
-           "layers": ("relevant", "random"), "neurons": ("split", "all", "general", "specific"),
-           "init_offset": ("keep", "subtract"), "phi_norm": ("none", "per_pair")}
 OFFSET = "_offset"
 
 
 def check_mlas_cfg(cfg: DictConfig) -> None:
-    """Reject impossible settings before anything is loaded (teacher shapes from configs only)."""
+    """Reject impossible combinations before anything is loaded (teacher shapes from configs only); each
+    value on its own is checked by `ladm.schema`."""
     from ladm.awareness import check_teacher
     from ladm.data import pair_config
 
     method = cfg.method
-    for key, allowed in CHOICES.items():
-        if method[key] not in allowed:
-            raise LadmError(f"method.{key} must be one of {' | '.join(allowed)}, got '{method[key]}'")
-    if not 0 < method["lambda"] <= 1:
-        raise LadmError(f"method.lambda must lie in (0, 1], got {method['lambda']}")
     pairs = list(method.pairs)
     if not pairs or len(set(pairs)) != len(pairs):
         raise LadmError(f"method.pairs must list distinct pairs, got {pairs}")

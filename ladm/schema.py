@@ -1,0 +1,172 @@
+"""One typed schema for the whole composed config, checked once before any data or model is loaded.
+
+Every key has a type and, where it has one, a range or a set of choices. A violation is one line that
+names the key, the bad value and what is allowed (`LadmError`, exit code 2 at the command line).
+Relations between keys (m_min ≤ m_max, a teacher at least as large as the student, ...) are checked by
+the code that owns them; this module checks each value on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from transformers import SchedulerType
+
+from ladm import LadmError
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The allowed values of one key."""
+
+    kind: str  # int | float | bool | str | list | dict
+    low: float | None = None  # inclusive unless low_open
+    high: float | None = None  # inclusive unless high_open
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()  # for str, and for each element of a list
+    nullable: bool = False
+    auto: bool = False  # the string "auto" is allowed too
+    nonempty: bool = False  # lists
+
+    def allowed(self) -> str:
+        if self.kind == "list":
+            items = "of " + " | ".join(self.choices) if self.choices else "of strings"
+            return f"{'a non-empty' if self.nonempty else 'a'} list {items}"
+        if self.choices:
+            return "one of " + " | ".join(map(str, self.choices))
+        if self.kind in ("int", "float") and self.low is not None:
+            noun = "an integer" if self.kind == "int" else "a number"
+            if self.high is not None:
+                text = f"lie in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            elif self.low == 0 and self.low_open or self.kind == "int" and self.low == 1:
+                text = f"be a positive {noun.split()[-1]}"
+            else:
+                text = f"be {'>' if self.low_open else '≥'} {self.low:g}"
+        else:
+            text = {"int": "be an integer", "float": "be a number", "bool": "be true or false", "str": "be a string",
+                    "list": "be a list", "dict": "be a mapping"}[self.kind]
+        return text + (" or auto" if self.auto else "") + (" or null" if self.nullable else "")
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.auto and value == AUTO:
+            return True
+        if self.kind in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else (int, float)):
+                return False
+            if not math.isfinite(value):
+                return False
+            if self.low is not None and (value < self.low or self.low_open and value == self.low):
+                return False
+            return self.high is None or not (value > self.high or self.high_open and value == self.high)
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            return isinstance(value, str) and (not self.choices or value in self.choices)
+        if self.kind == "list":
+            return (isinstance(value, (list, ListConfig)) and (not self.nonempty or len(value) > 0)
+                    and all(isinstance(v, str) and (not self.choices or v in self.choices) for v in value))
+        return isinstance(value, (dict, DictConfig))
+
+
+def _message(key: str, rule: Rule, value: Any) -> str:
+    verb = "must be" if rule.choices or rule.kind == "list" else "must"
+    return f"{key} {verb} {rule.allowed()}, got {value!r}"
+
+
+INT_POS, INT_NONNEG = Rule("int", low=1), Rule("int", low=0)
+FLOAT_POS, FLOAT_NONNEG = Rule("float", low=0, low_open=True), Rule("float", low=0)
+UNIT = Rule("float", low=0, high=1)
+STR, BOOL = Rule("str"), Rule("bool")
+SCHEDULERS = tuple(s.value for s in SchedulerType)
+SPLIT = {"format": Rule("str", choices=("text", "tsv", "jsonl"))}
+
+COMMON: dict[str, Rule] = {
+    "name": STR, "force": BOOL, "cache_dir": STR,
+    "model.name": STR, "model.path": STR, "model.chat_template": BOOL,
+    "model.dtype": Rule("str", choices=("float32", "bfloat16", "float16")),
+    "model.attn_implementation": Rule("str", choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                                                      "flex_attention")),
+    "model.chat_template_kwargs": Rule("dict", nullable=True), "model.random_init": Rule("dict", nullable=True),
+    "pair.name": STR, "pair.src.name": STR, "pair.tgt.name": STR,
+    "data.name": STR, "data.max_train_samples": Rule("int", low=1, nullable=True),
+    **{f"data.{split}.{k}": rule for split in ("train", "test") for k, rule in SPLIT.items()},
+    "eval.max_samples": Rule("int", low=1, nullable=True), "eval.batch_size": INT_POS,
+    "eval.max_new_tokens": Rule("int", low=1, auto=True), "eval.length_margin": Rule("float", low=1),
+    "eval.num_beams": INT_POS, "eval.on_missing": Rule("str", choices=("error", "skip")),
+    "eval.metrics": Rule("list", choices=("chrf++", "spbleu", "comet"), nonempty=True),
+    "eval.comet.model": STR, "eval.comet.batch_size": INT_POS,
+    "logger.name": Rule("str", choices=("wandb", "none")),
+    "logger.mode": Rule("str", choices=("offline", "online", "disabled")),
+    "probe.reference_pair": STR, "probe.split": Rule("str", choices=("train", "test")),
+    "probe.n_sentences": INT_POS, "probe.batch_size": INT_POS,
+    "probe.input": Rule("str", choices=("prompt", "prompt+reference")),
+    "probe.reference_data": Rule("dict", nullable=True),
+    "probe.normalisation": Rule("str", choices=("none", "sum", "zscore")),
+    "probe.sign": Rule("str", choices=("hi_minus_lo", "lo_minus_hi")),
+    "strength.alpha": FLOAT_NONNEG, "strength.beta": UNIT,
+    "train.max_steps": INT_POS, "train.batch_size": INT_POS, "train.grad_accum": INT_POS, "train.lr": FLOAT_POS,
+    "train.optimizer": Rule("str", choices=("adamw", "sgd")), "train.weight_decay": FLOAT_NONNEG,
+    "train.scheduler": Rule("str", choices=SCHEDULERS), "train.warmup_ratio": UNIT, "train.max_grad_norm": FLOAT_POS,
+    "train.max_length": Rule("int", low=1, auto=True), "train.length_coverage": Rule("float", low=0, high=1, low_open=True),
+    "train.gradient_checkpointing": BOOL, "train.precision": Rule("str", choices=("auto", "bf16", "fp32")),
+    "train.seed": Rule("int"), "train.log_every": INT_POS, "train.eval_every": INT_NONNEG, "train.save_adapter": BOOL,
+    "train.checkpoint_every": INT_NONNEG, "train.keep_checkpoints": INT_POS,
+    "train.resume": Rule("str", choices=("auto", "never")),
+}
+LORA = {"method.r": INT_POS, "method.alpha": FLOAT_POS, "method.dropout": Rule("float", low=0, high=1, high_open=True),
+        "method.target_modules": Rule("list", nonempty=True)}
+METHOD: dict[str, dict[str, Rule]] = {
+    "zero_shot": {},
+    "lora": LORA,
+    "ladm": LORA | {
+        "method.delta_r_path": Rule("str", nullable=True), "method.tau_tal": FLOAT_NONNEG, "method.tau_lil": FLOAT_NONNEG,
+        "method.select": Rule("str", choices=("topk", "ratio", "all")), "method.k_tal": INT_NONNEG,
+        "method.k_lil": INT_NONNEG, "method.ratio_tal": UNIT, "method.ratio_lil": UNIT,
+        "method.variant": Rule("str", choices=("signed", "proportional")), "method.m_min": FLOAT_NONNEG,
+        "method.m_max": FLOAT_NONNEG, "method.mode": Rule("str", choices=("step", "grad", "forward"))},
+    "mlas_lora": {
+        "method.pairs": Rule("list", nonempty=True), "method.lambda": Rule("float", low=0, high=1, low_open=True),
+        "method.phi_norm": Rule("str", choices=("none", "per_pair")), "method.r_gen": INT_POS, "method.r_spe": INT_POS,
+        "method.alpha": FLOAT_POS, "method.dropout": Rule("float", low=0, high=1, high_open=True),
+        "method.target_modules": Rule("list", nonempty=True),
+        "method.adapters": Rule("str", choices=("general+specific", "specific", "single")),
+        "method.init": Rule("str", choices=("teacher", "random")), "method.layers": Rule("str", choices=("relevant", "random")),
+        "method.neurons": Rule("str", choices=("split", "all", "general", "specific")),
+        "method.init_offset": Rule("str", choices=("keep", "subtract")),
+        "method.teacher.name": STR, "method.teacher.path": STR,
+        "method.teacher.dtype": COMMON["model.dtype"], "method.teacher.attn_implementation": COMMON["model.attn_implementation"]},
+}
+DATA_FILES = {"text": ("src", "tgt"), "tsv": ("path",), "jsonl": ("path",)}
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        raise LadmError(f"{key} cannot be resolved ({reason}): set it on the command line, e.g. {key}=...") from err
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every key of the schema (and the method's own keys), each data split's paths, one line per problem."""
+    method = _value(cfg, "method.name")
+    if method not in METHOD:
+        raise LadmError(f"method.name must be one of {' | '.join(METHOD)}, got {method!r}")
+    for key, rule in (COMMON | METHOD[method]).items():
+        value = _value(cfg, key)
+        if not rule.ok(value):
+            raise LadmError(_message(key, rule, value))
+    for split in ("train", "test"):
+        for field in DATA_FILES[_value(cfg, f"data.{split}.format")]:
+            key = f"data.{split}.{field}"
+            if not isinstance(_value(cfg, key), str):
+                raise LadmError(f"{key} must be a file path, got {_value(cfg, key)!r}")

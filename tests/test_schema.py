@@ -1,0 +1,70 @@
+"""The typed config schema: every entry point's default tree passes; every key rejects a bad value in one
+line that names the key, the value and what is allowed, before anything is loaded."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ladm import CONFIG_DIR, LadmError
+from ladm.schema import COMMON, METHOD, Rule, validate
+
+
+@pytest.mark.parametrize("config_name", ["config", "probe", "awareness"])
+@pytest.mark.parametrize("method", sorted(METHOD))
+def test_every_default_tree_is_valid(config_name, method):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        validate(compose(config_name, overrides=[f"method={method}"]))
+
+
+def bad_value(rule: Rule) -> str | None:
+    """An override value the rule must refuse (None where the command line cannot express one)."""
+    if rule.kind == "int":
+        return "1.5"
+    if rule.kind == "float":
+        return str(rule.low - 1) if rule.low is not None else "abc"
+    if rule.kind == "bool":
+        return "abc"
+    if rule.kind == "str" and rule.choices:
+        return "bogus"
+    if rule.kind == "list":
+        return "[bogus]" if rule.choices else "[]" if rule.nonempty else None
+    return None
+
+
+CASES = [(method, key, rule) for method, rules in [("ladm", COMMON), *METHOD.items()] for key, rule in rules.items()
+         if bad_value(rule) is not None and not (key == "method.teacher.dtype" and method != "mlas_lora")]
+
+
+@pytest.mark.parametrize("method,key,rule", CASES, ids=[f"{m}:{k}" for m, k, _ in CASES])
+def test_each_key_refuses_a_bad_value(make_cfg, method, key, rule):
+    value = bad_value(rule)
+    with pytest.raises(LadmError) as error:
+        validate(make_cfg(f"method={method}", f"{key}={value}"))
+    line = str(error.value)
+    assert "\n" not in line and line.startswith(key) and rule.allowed() in line
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.dtype=float8"], "model.dtype must be one of float32 | bfloat16 | float16, got 'float8'"),
+    (["train.max_steps=1.5"], "train.max_steps must be a positive integer, got 1.5"),
+    (["train.seed=abc"], "train.seed must be an integer, got 'abc'"),
+    (["train.resume=bogus"], "train.resume must be one of auto | never"),
+    (["train.warmup_ratio=-1"], "train.warmup_ratio must lie in [0, 1], got -1"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints must be a positive integer, got 0"),
+    (["train.checkpoint_every=-1"], "train.checkpoint_every must be ≥ 0, got -1"),
+    (["eval.metrics=[]"], "eval.metrics must be a non-empty list of chrf++ | spbleu | comet, got []"),
+    (["train.max_length=auto"], None),
+    (["data=files"], "data.train.src cannot be resolved"),
+    (["data=ntrex128"], "cannot be resolved"),
+    (["train.lr=inf"], "train.lr must be a positive number, got inf"),
+])
+def test_reported_cases(make_cfg, overrides, message):
+    cfg = make_cfg(*overrides)
+    if message is None:
+        validate(cfg)
+        return
+    with pytest.raises(LadmError, match=re.escape(message)):
+        validate(cfg)
