@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -22,7 +23,7 @@ from ladm import LadmError
 from ladm.activations import layer_relevance
 from ladm.cli import cli_main
 from ladm.data import SequenceFormat, collate, pair_config, read_split, training_max_length, truncate
-from ladm.files import write_json_atomic
+from ladm.files import read_json, write_atomic, write_json_atomic
 from ladm.losses import IGNORE_INDEX, target_token_loss_sum
 from ladm.models import context_length, decoder_layers, load_model, load_tokenizer, model_config
 from ladm.schema import validate
@@ -228,15 +229,29 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
 
 def load_or_compute(cfg: DictConfig, student_tokenizer, device: torch.device, is_main: bool = True,
                     barrier=lambda: None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The stage's output from `cache_dir/awareness/<key>/`, computed (on the main rank) when absent."""
+    """The stage's output from `cache_dir/awareness/<key>/`, computed (on the main rank) when absent or
+    unreadable (a corrupt cache is computed again, with a warning)."""
     folder = Path(cfg.cache_dir) / "awareness" / awareness_key(cfg)
-    if is_main and not (folder / "awareness.json").is_file():
-        factors, summary = compute_awareness(cfg, student_tokenizer, device)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(factors, folder / "factors.safetensors")
-        write_json_atomic(folder / "awareness.json", summary)  # written last: marks the folder complete
+    if is_main:
+        try:
+            cached = _read_cache(folder) if (folder / "awareness.json").is_file() else None
+        except (LadmError, OSError, SafetensorError) as err:
+            log.warning("awareness cache %s is unreadable (%s): computing it again", folder, err)
+            cached = None
+        if cached is None:
+            factors, summary = compute_awareness(cfg, student_tokenizer, device)
+            write_atomic(folder / "factors.safetensors", lambda tmp: save_file(factors, tmp))
+            write_json_atomic(folder / "awareness.json", summary)  # written last: marks the folder complete
     barrier()
-    return load_file(folder / "factors.safetensors"), json.loads((folder / "awareness.json").read_text())
+    return _read_cache(folder)
+
+
+def _read_cache(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    summary = read_json(folder / "awareness.json", "the awareness summary", "it is computed again")
+    factors = load_file(folder / "factors.safetensors")
+    if not isinstance(summary, dict) or not all(torch.isfinite(t).all() for t in factors.values()):
+        raise LadmError(f"{folder} holds a malformed summary or non-finite factors")
+    return factors, summary
 
 
 def run_awareness(cfg: DictConfig, out_dir: Path) -> dict:

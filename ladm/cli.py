@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ladm import CONFIG_DIR, LadmError
 from ladm.files import write_json_atomic
+from ladm.trainer import Preempted
 
 log = logging.getLogger("ladm")
 
@@ -62,15 +63,22 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
             # In a sweep one failed job must not stop the others: record it and go on.
             log.error("job %s failed: %s", out_dir.name, err)
             if int(os.environ.get("RANK", "0")) == 0:
-                write_json_atomic(out_dir / "results.json", {
-                    "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-                    "config": OmegaConf.to_container(cfg, resolve=False)})
+                try:
+                    write_json_atomic(out_dir / "results.json", {
+                        "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                        "config": OmegaConf.to_container(cfg, resolve=False)})
+                except OSError as write_err:  # e.g. the disk is full: the sweep still goes on
+                    log.error("could not record the failure of %s: %s", out_dir.name, write_err)
 
     def main() -> None:
         try:
             check_group_choices(sys.argv[1:])
         except LadmError as err:
             _fail(prog, err)
-        hydra_main()
+        try:
+            hydra_main()
+        except Preempted as stop:
+            print(f"{prog}: {stop}; run the same command again to resume", file=sys.stderr)
+            sys.exit(128 + stop.signum)
 
     return main

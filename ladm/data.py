@@ -34,12 +34,22 @@ class ParallelCorpus:
 
 
 def _read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file (LF or CRLF); an absent, empty, binary or non-UTF-8 file is one clear error."""
     path = Path(path)
     if not path.is_file():
         raise LadmError(f"data file not found: {path} (check data.root or the data.* paths)")
-    # newline=None reads LF and CRLF alike (NTREX-128 ships CRLF).
-    with open(path, encoding="utf-8", newline=None) as f:
-        return [line.rstrip("\n") for line in f]
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise LadmError(f"data file {path} is empty: give a file with one example per line")
+    if b"\0" in raw:
+        raise LadmError(f"data file {path} is binary (it contains NUL bytes): give UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise LadmError(f"data file {path} is not UTF-8 (byte {err.start}, line {line}): convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8") from err
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n").split("\n")
 
 
 def _check_nonempty(lines: list[str], path: str) -> None:
@@ -47,6 +57,27 @@ def _check_nonempty(lines: list[str], path: str) -> None:
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
         raise LadmError(f"{len(empty)} empty line(s) in {path} at line(s) {shown}: remove or fill them")
+
+
+def _json_records(path: str, src_key: str, tgt_key: str) -> ParallelCorpus:
+    """JSONL: one object per line whose `src_key` and `tgt_key` are non-empty strings."""
+    src, tgt = [], []
+    for number, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LadmError(f"{path} line {number} is not JSON ({err.msg}): one object per line") from err
+        if not isinstance(record, dict):
+            raise LadmError(f"{path} line {number} is a JSON {type(record).__name__}, not an object with "
+                            f"'{src_key}' and '{tgt_key}'")
+        values = [record.get(src_key), record.get(tgt_key)]
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            raise LadmError(f"{path} line {number} lacks a non-empty string '{src_key}' or '{tgt_key}'")
+        src.append(values[0])
+        tgt.append(values[1])
+    return ParallelCorpus(src, tgt)
 
 
 def read_split(split: DictConfig) -> ParallelCorpus:
@@ -69,12 +100,7 @@ def read_split(split: DictConfig) -> ParallelCorpus:
             raise LadmError(f"{split.path}: line(s) {bad[:10]} are not 'source<TAB>target' with both sides non-empty")
         return ParallelCorpus([r[0] for r in rows], [r[1] for r in rows])
     if fmt == "jsonl":
-        src_key, tgt_key = split.get("src_key", "src"), split.get("tgt_key", "tgt")
-        records = [json.loads(line) for line in _read_lines(split.path) if line.strip()]
-        bad = [i + 1 for i, r in enumerate(records) if not (str(r.get(src_key, "")).strip() and str(r.get(tgt_key, "")).strip())]
-        if bad:
-            raise LadmError(f"{split.path}: record(s) {bad[:10]} lack a non-empty '{src_key}' or '{tgt_key}'")
-        return ParallelCorpus([r[src_key] for r in records], [r[tgt_key] for r in records])
+        return _json_records(split.path, split.get("src_key", "src"), split.get("tgt_key", "tgt"))
     raise LadmError(f"unknown data format '{fmt}': use text, tsv or jsonl")
 
 

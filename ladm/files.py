@@ -1,28 +1,48 @@
-"""Atomic writes: a crash never leaves a half-written file that looks finished."""
+"""Atomic writes that respect the user's umask, and validated reads of the artefacts a run consumes.
+
+A crash never leaves a half-written file that looks finished; a file that does not parse, or holds the
+wrong shape, is one clear error naming the file and what to do.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ladm import LadmError
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a temp file in the same folder, fsync, give it the umask's mode, rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: let the user's group read results
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -31,3 +51,20 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def write_lines_atomic(path: str | Path, lines: list[str]) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def read_json(path: str | Path, what: str, fix: str) -> Any:
+    """The JSON in `path`; absent, truncated or non-JSON is one line naming `what` and how to `fix` it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise LadmError(f"{what} not found: {path}: {fix}") from err
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise LadmError(f"{what} {path} is not valid JSON ({str(err).splitlines()[0]}): {fix}") from err
+
+
+def finite_numbers(value: Any, length: int | None = None) -> bool:
+    """A list of finite numbers (of `length` entries when given)."""
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))

@@ -7,6 +7,7 @@ special tokens, chat template and generation config of their family.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -29,13 +30,52 @@ def _resolve(path: str) -> str:
     return str(Path(path).expanduser()) if _looks_local(str(path)) else str(path)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
 def check_model_path(model_cfg: DictConfig) -> None:
-    """Fail early on a local `model.path` that does not exist (hub ids are left to transformers)."""
+    """Fail early on a local `model.path` that is not a loadable model folder: no config, no tokenizer, no
+    weights (unless `random_init`), or a truncated safetensors file. Hub ids are left to transformers."""
     path = model_cfg.path
     if path is None:
         raise LadmError(f"model.path of {model_cfg.name} is not set: give a hub id or a local model directory")
-    if _looks_local(str(path)) and not Path(path).expanduser().is_dir():
+    if not _looks_local(str(path)):
+        return
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
         raise LadmError(f"model.path does not exist: {path} (give a local model directory or a hub id)")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise LadmError(f"model.path {path} has no readable config.json ({type(err).__name__}): "
+                        "give a complete model folder (save_pretrained or a hub download)") from err
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise LadmError(f"model.path {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                        "save the tokenizer into the model folder")
+    if model_cfg.get("random_init"):
+        return
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not weights:
+        raise LadmError(f"model.path {path} has no weights (*.safetensors or pytorch_model*.bin): "
+                        "download or save the model's weights there")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file)
+
+
+def _check_safetensors(file: Path) -> None:
+    """The header parses and the file is as long as the header says (a truncated download is refused)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 0 < length < size else None
+        end = max((t["data_offsets"][1] for k, t in (header or {}).items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LadmError(f"{file} is not a readable safetensors file ({type(err).__name__}): download it again") from err
+    if header is None or 8 + length + end != size:
+        raise LadmError(f"{file} is truncated or corrupt ({size:,} bytes, its header describes "
+                        f"{8 + length + end:,}): download it again")
 
 
 def load_tokenizer(model_cfg: DictConfig):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +19,7 @@ from ladm import LadmError
 from ladm.activations import activation_disparity, layer_relevance, normalise
 from ladm.cli import cli_main
 from ladm.data import SequenceFormat, pair_config, read_split
-from ladm.files import write_json_atomic
+from ladm.files import finite_numbers, read_json, write_json_atomic
 from ladm.models import check_model_path, load_model, load_tokenizer
 from ladm.plots import pyplot, save_figure
 from ladm.schema import validate
@@ -72,13 +73,29 @@ def probe_key(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_measured(measured: Any, source: str, fix: str) -> dict:
+    """A probe measurement (delta_r.json or its cache): R_hi and R_lo, `n_layers` finite numbers each."""
+    if not isinstance(measured, dict):
+        raise LadmError(f"{source} holds a JSON {type(measured).__name__}, not a probe measurement: {fix}")
+    n_layers = measured.get("n_layers")
+    for key in ("R_hi", "R_lo"):
+        if not isinstance(n_layers, int) or not finite_numbers(measured.get(key), n_layers):
+            raise LadmError(f"{source}: {key} must be a list of n_layers={n_layers!r} finite numbers: {fix}")
+    return measured
+
+
 def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dict:
-    """R_hi and R_lo (raw, per layer) on the base model, cached under `cache_dir/delta_r/`."""
+    """R_hi and R_lo (raw, per layer) on the base model, cached under `cache_dir/delta_r/` (a corrupt cache
+    entry is measured again)."""
     ref_cfg = reference_pair_cfg(cfg)
     cache = Path(cfg.cache_dir) / "delta_r" / f"{probe_key(cfg)}.json"
     if cache.is_file():
-        log.info("ΔR probe: reusing %s", cache)
-        return json.loads(cache.read_text())
+        try:
+            measured = check_measured(read_json(cache, "the ΔR cache", "it is measured again"), str(cache), "")
+            log.info("ΔR probe: reusing %s", cache)
+            return measured
+        except LadmError as err:
+            log.warning("%s; measuring again", err)
     relevance = {}
     fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
     for name, pair_cfg in (("R_hi", ref_cfg), ("R_lo", cfg)):

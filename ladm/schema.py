@@ -170,3 +170,20 @@ def validate(cfg: DictConfig) -> None:
             key = f"data.{split}.{field}"
             if not isinstance(_value(cfg, key), str):
                 raise LadmError(f"{key} must be a file path, got {_value(cfg, key)!r}")
+
+
+# Keys that change where results go, what is logged or how often state is saved, not what is trained.
+RUN_ONLY_KEYS = ("name", "force", "cache_dir", "logger", "eval", "train.resume", "train.checkpoint_every",
+                 "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.save_adapter")
+
+
+def training_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without its run-only keys: two runs that agree here train identically."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for key in RUN_ONLY_KEYS:
+        *parents, leaf = key.split(".")
+        node = tree
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return tree

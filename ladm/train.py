@@ -16,7 +16,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from ladm.checkpoint import latest_checkpoint, load_checkpoint
+from ladm import LadmError
+from ladm.checkpoint import RunFolderLock, config_differences, load_latest, set_aside
 from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, read_split, share, truncate
 from ladm.distributed import DistEnv
@@ -25,7 +26,7 @@ from ladm.files import write_json_atomic, write_lines_atomic
 from ladm.methods import build_method
 from ladm.metrics import Scorer
 from ladm.models import check_model_path, context_length, load_model, load_tokenizer
-from ladm.schema import validate
+from ladm.schema import training_identity, validate
 from ladm.tracking import Tracker
 from ladm.trainer import fit
 
@@ -52,14 +53,48 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         log.info("skipping %s: results.json is complete (force=true to run it again)", out_dir)
         dist.close()
         return done
-    # Cheap checks first: the whole config, model path, method knobs, data files, metric models.
-    validate(cfg)
+    validate(cfg)  # the whole config, before anything is read
+    lock = RunFolderLock(out_dir) if dist.is_main else None
+    try:
+        return train_and_evaluate(cfg, out_dir, dist, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def resume_state(cfg: DictConfig, out_dir: Path, dist: DistEnv, trains: bool) -> dict | None:
+    """The newest checkpoint's state when `train.resume=auto` (refused if it was trained with another config);
+    with `force=true` or `train.resume=never` old checkpoints are moved aside and training starts at step 0."""
+    if not trains:
+        return None
+    if cfg.force or cfg.train.resume == "never":
+        if dist.is_main:
+            set_aside(out_dir)
+        dist.barrier()
+        return None
+    found = load_latest(out_dir)
+    if found is None:
+        return None
+    path, state = found
+    differences = config_differences(state.get("identity") or {}, training_identity(cfg))
+    if differences:
+        raise LadmError(f"{path} was trained with another config ({'; '.join(differences[:5])}"
+                        f"{' ...' if len(differences) > 5 else ''}): run with the same settings to resume, or "
+                        "train.resume=never to start over (the old checkpoints are kept aside)")
+    log.info("resuming from %s", path)
+    return state
+
+
+def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: float) -> dict:
+    """The body of `run`, inside the run folder's lock."""
+    # Cheap checks first: model path, method knobs, data files, metric models, the checkpoint to resume.
     check_model_path(cfg.model)
     method = build_method(cfg, dist)
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
     train_corpora = {name: read_split(c.data.train).head(cfg.data.max_train_samples) for name, c in pair_cfgs.items()}
     test_corpora = {name: read_split(c.data.test).head(cfg.eval.max_samples) for name, c in pair_cfgs.items()}
     scorer = Scorer.preflight(cfg.eval)
+    resume = resume_state(cfg, out_dir, dist, method.trains)
 
     tokenizer = load_tokenizer(cfg.model)
     fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
@@ -76,9 +111,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings, trainable adapters: keep the graph alive
-    checkpoint = latest_checkpoint(out_dir) if method.trains and cfg.train.resume == "auto" else None
-    resume_id = load_checkpoint(checkpoint)["wandb_id"] if checkpoint else None
-    tracker = Tracker(cfg, out_dir, dist.is_main, resume_id=resume_id)
+    tracker = Tracker(cfg, out_dir, dist.is_main, resume_id=resume["wandb_id"] if resume else None)
     tracker.config({"method_details": method.describe()})
 
     hit_budget: dict[str, dict] = {}
@@ -116,7 +149,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                 log.warning("%s: %.1f%% of training examples were truncated to train.max_length=%d", name,
                             100 * truncated_train[name]["share"], budgets.max_length)
         train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker, out_dir,
-                          resume_from=checkpoint, on_eval=evaluate)
+                          resume=resume, on_eval=evaluate, identity=training_identity(cfg))
         train_stats |= {"n_train": sum(map(len, examples.values())), "max_length": budgets.max_length}
 
     eval_started = time.perf_counter()

@@ -5,10 +5,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -18,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
 from ladm import LadmError
-from ladm.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, trainable_state
+from ladm.checkpoint import all_finite, rng_state, save_checkpoint, set_rng_state, trained_parameters
 from ladm.data import IGNORE_INDEX, Example, collate
 from ladm.distributed import DistEnv
 from ladm.losses import target_token_loss_sum
@@ -60,8 +64,9 @@ def fit(
     dist: DistEnv,
     tracker: Tracker,
     out_dir: Path,
-    resume_from: Path | None = None,
+    resume: dict | None = None,
     on_eval: Callable[[int], None] | None = None,
+    identity: dict | None = None,
 ) -> dict:
     """Train `model` for `train.max_steps` optimizer steps; returns losses and timings.
 
@@ -69,8 +74,9 @@ def fit(
     order), so every batch, on every rank, holds one pair. The loss is the mean over all
     target tokens of the global batch (every rank, every accumulation micro-step), so N ranks
     with batch b equal one rank with batch N·b.
-    With `resume_from`, weights, optimizer, scheduler, RNG and data position are restored
-    and training continues exactly where the checkpoint was taken.
+    With `resume` (a checkpoint's state), weights, optimizer, scheduler, RNG and data position are
+    restored and training continues exactly where the checkpoint was taken. On SIGTERM or SIGUSR1
+    (and SIGUSR2 under submitit) a checkpoint is written at the next step boundary, then `Preempted`.
     """
     set_seed(train_cfg.seed)
     device = dist.device
@@ -101,15 +107,34 @@ def fit(
     forward_model = ddp or model
     amp = autocast_dtype(train_cfg.precision, device)
 
+    trained = trained_parameters(model, optimizer)
     first_step, losses = 1, []
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][dist.rank])
-        first_step, losses = state["step"] + 1, state["losses"]
-        log.info("resuming from %s (step %d)", resume_from, state["step"])
+    if resume is not None:
+        if set(resume["trainable"]) != set(trained):
+            raise LadmError("the checkpoint's trained tensors do not match this method's: start over with "
+                            "train.resume=never")
+        with torch.no_grad():
+            for name, tensor in resume["trainable"].items():
+                trained[name].copy_(tensor)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"][dist.rank])
+        first_step, losses = resume["step"] + 1, resume["losses"]
+        log.info("resuming from step %d", resume["step"])
+
+    def checkpoint(step: int) -> None:
+        rng = dist.gather(rng_state())
+        if dist.is_main:
+            weights = {name: p.detach().cpu().clone() for name, p in trained.items()}
+            if not all_finite(weights, optimizer):
+                raise LadmError(f"step {step}: a weight or optimizer state is not finite, so no checkpoint is written "
+                                "(the last one is intact): lower train.lr")
+            save_checkpoint(out_dir, step, {"step": step, "losses": losses, "trainable": weights,
+                                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                            "rng": rng, "wandb_id": tracker.run_id, "identity": identity},
+                            keep=train_cfg.keep_checkpoints)
+            fault_after_checkpoint(step)
+        dist.barrier()
 
     model.train()
     done = first_step - 1  # steps already taken: pair i had ceil((done - i) / n) of them
@@ -118,7 +143,9 @@ def fit(
     start = time.perf_counter()
     progress = tqdm(range(first_step, train_cfg.max_steps + 1), desc="train", disable=not dist.is_main,
                     initial=first_step - 1, total=train_cfg.max_steps)
+    stop = StopSignals()
     for step in progress:
+        fault_signal(step)
         pair = pairs[(step - 1) % len(pairs)]
         micro_batches = [next(batches[pair]) for _ in range(train_cfg.grad_accum)]
         method.select_adapters(model, pair)
@@ -154,13 +181,13 @@ def fit(
         if on_eval is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.max_steps:
             on_eval(step)
             model.train()
+        signalled = dist.broadcast(stop.received)  # every rank stops at the same step
+        if signalled and step < train_cfg.max_steps:
+            checkpoint(step)
+            stop.finish(signalled)
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.max_steps:
-            rng = dist.gather(rng_state())
-            if dist.is_main:
-                save_checkpoint(out_dir, step, {"step": step, "losses": losses, "trainable": trainable_state(model),
-                                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                                "rng": rng, "wandb_id": tracker.run_id}, keep=train_cfg.keep_checkpoints)
-            dist.barrier()
+            checkpoint(step)
+    stop.restore()
     model.eval()
     return {"steps": train_cfg.max_steps, "losses": losses, "final_loss": losses[-1],
             "seconds": time.perf_counter() - start}
@@ -169,3 +196,58 @@ def fit(
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+class Preempted(BaseException):  # noqa: N818 - like KeyboardInterrupt: not a failure of the job
+    """A stop signal arrived; a checkpoint of the last finished step was written."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after writing a checkpoint")
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or a preemption; SIGUSR2 where submitit has a
+    handler for it) only set a flag; the trainer checkpoints at the next step boundary and stops. The
+    previous handler (submitit's requeue) is called after the checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self):
+        self.received: int = 0
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            old = signal.getsignal(signum)
+            if signum == signal.SIGUSR2 and not callable(old):
+                continue  # only as submitit's time-limit signal
+            self.previous[signum] = old
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for signum, old in self.previous.items():
+            signal.signal(signum, old)
+
+    def finish(self, signum: int) -> None:
+        self.restore()
+        previous = self.previous.get(signum)
+        if callable(previous):
+            previous(signum, None)  # e.g. submitit: requeue the job
+        raise Preempted(signum)
+
+
+def fault_after_checkpoint(step: int) -> None:
+    """Tests only: `LADM_FAULT_SIGKILL_AFTER_CHECKPOINT=N` kills the process right after checkpoint N."""
+    if os.environ.get("LADM_FAULT_SIGKILL_AFTER_CHECKPOINT") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_signal(step: int) -> None:
+    """Tests only: `LADM_FAULT_SIGNAL_AT_STEP=N:SIGTERM` sends the process that signal as step N starts."""
+    at, _, name = os.environ.get("LADM_FAULT_SIGNAL_AT_STEP", "").partition(":")
+    if at == str(step):
+        os.kill(os.getpid(), signal.Signals[name])

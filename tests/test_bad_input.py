@@ -95,3 +95,27 @@ def test_tokenizer_without_pad_token_pads_with_eos(make_cfg, tmp_path, caplog):
 def test_unloadable_hub_id_is_one_line(make_cfg):
     with pytest.raises(LadmError, match="cannot load the tokenizer of nobody/no-such-model"):
         load_tokenizer(make_cfg("model=qwen2.5-7b", "model.path=nobody/no-such-model").model)
+
+
+@pytest.fixture
+def saved_model(make_cfg, tmp_path):
+    """tiny-qwen2.5 saved as a local model folder (the `model.path` code path)."""
+    cfg = make_cfg("model=tiny-qwen2.5")
+    tokenizer = load_tokenizer(cfg.model)
+    load_model(cfg.model, tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: [f.unlink() for f in d.glob("*.safetensors")], "has no weights"),
+    (lambda d: (d / "config.json").unlink(), "has no readable config.json"),
+    (lambda d: [f.unlink() for f in d.glob("*") if f.name.startswith(("tokenizer", "vocab", "merges"))],
+     "has no tokenizer files"),
+    (lambda d: [f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]) for f in d.glob("*.safetensors")],
+     "is truncated or corrupt"),
+])
+def test_broken_model_folders_are_one_line_before_loading(monkeypatch, capsys, tmp_path, saved_model, damage, message):
+    damage(saved_model)
+    line = cli_error(monkeypatch, capsys, tmp_path, "model=qwen2.5-7b", f"model.path={saved_model}", "model.dtype=float32")
+    assert message in line

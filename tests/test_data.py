@@ -1,6 +1,7 @@
 """Prompt, loss masking, truncation and corpus readers (METHODS.md §5)."""
 
 import json
+import re
 
 import pytest
 
@@ -66,3 +67,31 @@ def test_ntrex128_config_reads_crlf_test_files(make_cfg, tmp_path):
     corpus = read_split(cfg.data.test)
     assert corpus.src == ["一", "二"] and corpus.tgt == ["មួយ", "ពីរ"]
     assert cfg.data.train.src.endswith("dev/zho_Hans.dev")  # trains on the shipped FLORES-200 dev
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"\x00\x01\x02binary", "is binary"),
+    ("caf\u00e9\n".encode("latin-1"), "is not UTF-8 (byte 3, line 1)"),
+])
+def test_unreadable_text_files_are_one_line(tmp_path, make_cfg, content, message):
+    (tmp_path / "bad").write_bytes(content)
+    (tmp_path / "good").write_text("x\n", encoding="utf-8")
+    split = make_cfg().data.train.copy()
+    split.src, split.tgt = str(tmp_path / "bad"), str(tmp_path / "good")
+    with pytest.raises(LadmError, match=re.escape(message)):
+        read_split(split)
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"src": "一", "tgt": ', "line 2 is not JSON"),
+    ('["一", "one"]', "line 2 is a JSON list"),
+    ('{"src": "一", "tgt": 5}', "line 2 lacks a non-empty string 'src' or 'tgt'"),
+    ('{"src": "一"}', "line 2 lacks a non-empty string"),
+])
+def test_bad_jsonl_lines_are_named(tmp_path, line, message):
+    from omegaconf import OmegaConf
+
+    (tmp_path / "d.jsonl").write_text('{"src": "二", "tgt": "two"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(LadmError, match=re.escape(message)):
+        read_split(OmegaConf.create({"format": "jsonl", "path": str(tmp_path / "d.jsonl")}))

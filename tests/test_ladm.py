@@ -1,6 +1,7 @@
 """LaDM modulation against plain LoRA from the same seed (METHODS.md §2), end to end, bad input."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -162,3 +163,18 @@ def test_delta_r_from_another_model_is_rejected(make_cfg, delta_r_file, field, v
 def test_ladm_with_an_unreachable_hub_model_is_one_line(make_cfg):
     with pytest.raises(LadmError, match="cannot read the config of nobody/absent"):
         build_method(make_cfg("method=ladm", "model=qwen2.5-7b", "model.path=nobody/absent"))
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"model": "tiny-llama3", "n_la', "is not valid JSON"),
+    ("[1, 2]", "holds a JSON list"),
+    (None, "R_hi must be a list of n_layers=4 finite numbers"),
+])
+def test_malformed_delta_r_is_one_line(make_cfg, delta_r_file, content, message):
+    if content is None:  # a NaN in R: json.dumps writes it, json.loads reads it back
+        data = json.loads(delta_r_file.read_text())
+        data["R_hi"][1] = float("nan")
+        content = json.dumps(data)
+    delta_r_file.write_text(content)
+    with pytest.raises(LadmError, match=re.escape(message)):
+        build_method(make_cfg(*ladm_overrides(delta_r_file)))

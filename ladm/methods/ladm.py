@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +13,7 @@ from peft import get_peft_model
 
 from ladm import LadmError
 from ladm.distributed import DistEnv
+from ladm.files import read_json
 from ladm.methods.lora import LoRA, lora_config
 from ladm.models import num_layers
 
@@ -109,17 +108,19 @@ class LaDM(LoRA):
 
     def _read_delta_r(self, path: str) -> dict:
         """A delta_r.json from `ladm-probe`, checked against this model and these pairs."""
-        file = Path(path)
-        if not file.is_file():
-            raise LadmError(f"method.delta_r_path not found: {path}")
-        given = json.loads(file.read_text())
+        from ladm.probe import check_measured
+
+        fix = "give a delta_r.json written by ladm-probe, or method.delta_r_path=null to probe now"
+        given = read_json(path, "method.delta_r_path", fix)
+        if not isinstance(given, dict):
+            check_measured(given, path, fix)
         expected = {"model": self.cfg.model.name, "n_layers": self.n_layers, "pair": self.cfg.pair.name,
                     "reference_pair": self.cfg.probe.reference_pair}
         for key, value in expected.items():
             if given.get(key) != value:
                 raise LadmError(f"{path} was measured with {key}={given.get(key)!r}, but this run has {value!r}: "
                                 "probe this model and pair again (ladm-probe)")
-        return given
+        return check_measured(given, path, fix)
 
     @property
     def multipliers(self) -> list[float]:
