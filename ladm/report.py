@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ladm import LadmError
-from ladm.files import write_text_atomic
+from ladm.files import read_json, write_text_atomic
 from ladm.plots import pyplot, save_figure
 
 METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)"}
@@ -29,6 +29,7 @@ BOOTSTRAPPED = {"chrf++", "spbleu"}  # sentence-level COMET scores are not saved
 IGNORED_KEYS = ("pair.", "data.", "name", "cache_dir", "force", "logger.", "eval.comet.", "probe.reference_pair")
 GROUPS_READ = {"ladm": ("strength.", "probe.")}  # top-level groups a method reads besides method.*
 P_THRESHOLD = 0.05
+RESULT_KEYS = ("model", "method", "pairs", "test_set", "n_test", "metrics", "config")
 
 
 @dataclass
@@ -63,8 +64,13 @@ def load_sweep(sweep_dir: Path) -> tuple[list[Job], list[dict]]:
     """Complete jobs and failed ones (with their error) below `sweep_dir`."""
     complete, failed = [], []
     for path in sorted(sweep_dir.rglob("results.json")):
-        results = json.loads(path.read_text(encoding="utf-8"))
+        results = read_json(path, "results file", "re-run that job (or delete its folder)")
+        if not isinstance(results, dict):
+            raise LadmError(f"{path} holds a JSON {type(results).__name__}, not a ladm results file: re-run that job")
         if results.get("status") == "complete":
+            missing = [key for key in RESULT_KEYS if key not in results]
+            if missing:
+                raise LadmError(f"{path} lacks {', '.join(missing)} (written by another ladm version?): re-run that job")
             complete.append(Job(path.parent, results))
         elif results.get("status") == "failed":
             failed.append({"job": str(path.parent.relative_to(sweep_dir)), "error": results.get("error", "?")})
@@ -104,6 +110,13 @@ def label_rows(jobs: list[Job]) -> None:
             job.row = " ".join(parts)
 
 
+def read_predictions(job: Job, pair: str, ext: str) -> list[str]:
+    path = job.path / "predictions" / f"{pair}.{ext}"
+    if not path.is_file():
+        raise LadmError(f"{path} is missing: the significance test needs the saved predictions; re-run that job")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
 def paired_bootstrap(jobs: list[Job], n_samples: int = 1000) -> None:
     """p-values of every job against LoRA of the same model and pair, per resampled metric."""
     from sacrebleu.metrics import BLEU, CHRF
@@ -122,9 +135,13 @@ def paired_bootstrap(jobs: list[Job], n_samples: int = 1000) -> None:
                 metrics["spbleu"] = BLEU(tokenize="flores200")
             if not metrics:
                 continue
-            read = lambda j, ext: (j.path / "predictions" / f"{pair}.{ext}").read_text(encoding="utf-8").splitlines()  # noqa: E731
-            test = PairedTest([("lora", read(baseline, "hyp")), ("system", read(job, "hyp"))], metrics,
-                              references=[read(baseline, "ref")], test_type="bs", n_samples=n_samples)
+            ours, theirs, refs = read_predictions(job, pair, "hyp"), read_predictions(baseline, pair, "hyp"), \
+                read_predictions(baseline, pair, "ref")
+            if not len(ours) == len(theirs) == len(refs):
+                raise LadmError(f"{pair}: {job.path} has {len(ours)} hypotheses, {baseline.path} {len(theirs)} and "
+                                f"{len(refs)} references: the predictions must cover the same test set; re-run the job")
+            test = PairedTest([("lora", theirs), ("system", ours)], metrics,
+                              references=[refs], test_type="bs", n_samples=n_samples)
             _, scores = test()  # keyed 'System', then each metric's display name, in insertion order
             for metric, name in zip(metrics, list(scores)[1:], strict=True):
                 job.p_values[(pair, metric)] = float(scores[name][1].p_value)

@@ -1,6 +1,7 @@
 """ladm-report on synthetic results (known answers) and on a real tiny sweep."""
 
 import csv
+import re
 import json
 import os
 import subprocess
@@ -101,3 +102,18 @@ def test_report_on_a_real_tiny_sweep(tmp_path, cache_dir, files_overrides):
     assert "| lora |" in markdown and "| ladm s0.5 |" in markdown and "| ladm s1 |" in markdown
     assert list(sweep.glob("wandb/offline-run-*")), "the report is logged to the sweep's W&B group"
     assert json.loads(next(sweep.glob("*/results.json")).read_text())["name"] == "tiny-sweep"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda job: (job / "results.json").write_text('{"status": "compl'), "is not valid JSON"),
+    (lambda job: (job / "results.json").write_text("[1, 2]"), "holds a JSON list"),
+    (lambda job: (job / "results.json").write_text('{"status": "complete", "metrics": {}}'), "lacks model, method"),
+    (lambda job: (job / "predictions" / "zh-lo.hyp").unlink(), "zh-lo.hyp is missing"),
+    (lambda job: (job / "predictions" / "zh-lo.hyp").write_text("only one line\n"), "has 1 hypotheses"),
+])
+def test_damaged_sweeps_are_one_line(sweep, damage, message):
+    from ladm import LadmError
+
+    damage(sweep / "ladm-1.0-zh-lo")
+    with pytest.raises(LadmError, match=re.escape(message)):
+        report(sweep, wandb_log=False)
