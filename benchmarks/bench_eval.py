@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from ladm import CONFIG_DIR  # noqa: E402
 from ladm.data import SequenceFormat, read_split  # noqa: E402
-from ladm.evaluate import first_line, translate  # noqa: E402
+from ladm.generation import first_line, translate  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
 
 

@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from ladm import CONFIG_DIR  # noqa: E402
-from ladm.activations import LayerRelevance  # noqa: E402
+from ladm.analysis.relevance import LayerRelevance  # noqa: E402
 from ladm.data import SequenceFormat, collate, left_pad, read_split  # noqa: E402
-from ladm.losses import target_token_loss_sum  # noqa: E402
+from ladm.losses import answer_loss  # noqa: E402
 from ladm.methods import build_method  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
 
@@ -38,7 +38,7 @@ def build(cfg, tokenizer, device):
 
 
 def train_step(model, method, optimizer, batch) -> None:
-    loss = target_token_loss_sum(model, batch) / (batch["labels"] != -100).sum()
+    loss = answer_loss(model, batch) / (batch["labels"] != -100).sum()
     loss.backward()
     method.after_backward(model)
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)

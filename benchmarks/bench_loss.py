@@ -24,11 +24,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from ladm import CONFIG_DIR  # noqa: E402
 from ladm.data import SequenceFormat, collate, read_split  # noqa: E402
-from ladm.losses import full_logits_loss_sum, target_token_loss_sum  # noqa: E402
+from ladm.losses import answer_loss, full_logits_loss_sum  # noqa: E402
 from ladm.methods import build_method  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
 
-LOSSES = {"full_logits": full_logits_loss_sum, "chunked": target_token_loss_sum}
+LOSSES = {"full_logits": full_logits_loss_sum, "chunked": answer_loss}
 
 
 def current_rss() -> int:

@@ -1,4 +1,5 @@
-"""`ladm-probe`: per-layer relevance R for a reference and a target pair, ΔR, TAL/LIL (METHODS.md §1).
+"""`ladm-probe`: per-layer relevance R for a reference and a target pair, ΔR, TAL/LIL (METHODS.md §1),
+written as delta_r.json and a bar plot.
 
     ladm-probe pair=zh-km                      # tiny-llama3, reference zh-en
     ladm-probe model=qwen2.5-7b model.path=/models/qwen pair=zh-lo probe.n_sentences=500
@@ -6,122 +7,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ladm import LadmError
-from ladm.activations import activation_disparity, layer_relevance, normalise
+from ladm.analysis.relevance import delta_r_report, measure_relevance, reference_pair_cfg
 from ladm.cli import cli_main
-from ladm.data import SequenceFormat, pair_config, read_split
-from ladm.files import finite_numbers, read_json, write_json_atomic
+from ladm.files import write_json_atomic
+from ladm.methods.ladm import Selection
 from ladm.models import check_model_path, load_model, load_tokenizer
 from ladm.plots import pyplot, save_figure
 from ladm.schema import validate
 
 log = logging.getLogger("ladm.probe")
-
-
-def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
-    """The config with `pair` replaced by `probe.reference_pair`: its data paths re-resolve, or come
-    from `probe.reference_data` when the data config does not depend on the pair (data=files)."""
-    if cfg.probe.reference_pair == cfg.pair.name:
-        raise LadmError(f"pair {cfg.pair.name} is the reference pair itself: choose a low-resource pair "
-                        f"or another probe.reference_pair")
-    try:
-        ref_cfg = pair_config(cfg, cfg.probe.reference_pair)
-    except LadmError as err:
-        raise LadmError(f"probe.reference_pair: {err}") from err
-    split = cfg.probe.split
-    if cfg.probe.reference_data is not None:
-        ref_cfg.data[split] = cfg.probe.reference_data
-    elif cfg.probe.input == "prompt+reference" and OmegaConf.to_container(ref_cfg.data[split], resolve=True) == \
-            OmegaConf.to_container(cfg.data[split], resolve=True):
-        raise LadmError(f"the probe would read the same files for {ref_cfg.pair.name} as for {cfg.pair.name} "
-                        "(data.* does not depend on the pair), so its references would be mislabelled: "
-                        "set probe.reference_data (format/src/tgt of the reference pair) or probe.input=prompt")
-    return ref_cfg
-
-
-def probe_inputs(cfg: DictConfig, fmt: SequenceFormat) -> list[list[int]]:
-    """Tokenised probe set of `cfg.pair`: the prompt, or the prompt followed by the reference, exactly the
-    trainer's sequence without its closing token (METHODS.md §1)."""
-    corpus = read_split(cfg.data[cfg.probe.split]).head(cfg.probe.n_sentences)
-    prompts = fmt.prompt_ids(corpus.src, cfg.pair)
-    if cfg.probe.input == "prompt":
-        return prompts
-    answers = fmt.answer_ids(corpus.src, corpus.tgt, cfg.pair)
-    return [prompt + answer[:-1] for prompt, answer in zip(prompts, answers, strict=True)]
-
-
-def probe_key(cfg: DictConfig) -> str:
-    """Identifies R_hi/R_lo: model, both pairs, the probe knobs that change R, and the data files."""
-    ref_cfg = reference_pair_cfg(cfg)
-    split = cfg.probe.split
-    identity = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "pairs": [ref_cfg.pair.name, cfg.pair.name],
-        "probe": {k: cfg.probe[k] for k in ("split", "n_sentences", "input")},
-        "sequences": 2,  # how probe inputs are built (2: the trainer's token sequences)
-        "files": [OmegaConf.to_container(c.data[split], resolve=True) for c in (ref_cfg, cfg)],
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_measured(measured: Any, source: str, fix: str) -> dict:
-    """A probe measurement (delta_r.json or its cache): R_hi and R_lo, `n_layers` finite numbers each."""
-    if not isinstance(measured, dict):
-        raise LadmError(f"{source} holds a JSON {type(measured).__name__}, not a probe measurement: {fix}")
-    n_layers = measured.get("n_layers")
-    for key in ("R_hi", "R_lo"):
-        if not isinstance(n_layers, int) or not finite_numbers(measured.get(key), n_layers):
-            raise LadmError(f"{source}: {key} must be a list of n_layers={n_layers!r} finite numbers: {fix}")
-    return measured
-
-
-def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dict:
-    """R_hi and R_lo (raw, per layer) on the base model, cached under `cache_dir/delta_r/` (a corrupt cache
-    entry is measured again)."""
-    ref_cfg = reference_pair_cfg(cfg)
-    cache = Path(cfg.cache_dir) / "delta_r" / f"{probe_key(cfg)}.json"
-    if cache.is_file():
-        try:
-            measured = check_measured(read_json(cache, "the ΔR cache", "it is measured again"), str(cache), "")
-            log.info("ΔR probe: reusing %s", cache)
-            return measured
-        except LadmError as err:
-            log.warning("%s; measuring again", err)
-    relevance = {}
-    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
-    for name, pair_cfg in (("R_hi", ref_cfg), ("R_lo", cfg)):
-        inputs = probe_inputs(pair_cfg, fmt)
-        relevance[name] = layer_relevance(model, inputs, tokenizer.pad_token_id, cfg.probe.batch_size,
-                                          desc=f"probe {pair_cfg.pair.name}").tolist()
-    measured = {"model": cfg.model.name, "model_path": cfg.model.path, "n_layers": len(relevance["R_hi"]),
-                "reference_pair": ref_cfg.pair.name, "pair": cfg.pair.name,
-                "n_sentences": len(inputs), **relevance}
-    write_json_atomic(cache, measured)
-    return measured
-
-
-def delta_r_report(measured: dict, probe_cfg: DictConfig, selection=None) -> dict:
-    """The delta_r.json content: R, R̃, ΔR, and (given a selection) TAL/LIL and multipliers."""
-    r_hi, r_lo = torch.tensor(measured["R_hi"]), torch.tensor(measured["R_lo"])
-    delta = activation_disparity(r_hi, r_lo, probe_cfg.normalisation, probe_cfg.sign)
-    report = measured | {
-        "R_hi_norm": normalise(r_hi, probe_cfg.normalisation).tolist(),
-        "R_lo_norm": normalise(r_lo, probe_cfg.normalisation).tolist(),
-        "delta_r": delta.tolist(),
-        "probe": OmegaConf.to_container(probe_cfg, resolve=True),
-    }
-    if selection is not None:
-        report |= selection(delta.tolist())
-    return report
 
 
 def plot_delta_r(report: dict, path: Path) -> None:
@@ -155,8 +55,6 @@ def plot_delta_r(report: dict, path: Path) -> None:
 
 def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
     """Probe the base model, select TAL/LIL with the `method=ladm` knobs, write json and png."""
-    from ladm.methods.ladm import Selection
-
     validate(cfg)
     selection = Selection.from_cfg(cfg)
     reference_pair_cfg(cfg)

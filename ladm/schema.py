@@ -112,6 +112,7 @@ COMMON: dict[str, Rule] = {
     "probe.reference_data": Rule("dict", nullable=True),
     "probe.normalisation": Rule("str", choices=("none", "sum", "zscore")),
     "probe.sign": Rule("str", choices=("hi_minus_lo", "lo_minus_hi")),
+    "probe.tokens": Rule("str", choices=("all", "target")),
     "strength.alpha": FLOAT_NONNEG, "strength.beta": UNIT,
     "train.max_steps": INT_POS, "train.batch_size": INT_POS, "train.grad_accum": INT_POS, "train.lr": FLOAT_POS,
     "train.optimizer": Rule("str", choices=("adamw", "sgd")), "train.weight_decay": FLOAT_NONNEG,
@@ -144,6 +145,11 @@ METHOD: dict[str, dict[str, Rule]] = {
         "method.init_offset": Rule("str", choices=("keep", "subtract")),
         "method.teacher.name": STR, "method.teacher.path": STR,
         "method.teacher.dtype": COMMON["model.dtype"], "method.teacher.attn_implementation": COMMON["model.attn_implementation"]},
+    "landermt": {
+        "method.pairs": Rule("list", nonempty=True), "method.k_layers": Rule("int", low=1, nullable=True),
+        "method.split": Rule("str", choices=("lambda", "ratio")), "method.lambda": Rule("float", low=0, high=1, low_open=True),
+        "method.general_ratio": UNIT, "method.partition": UNIT, "method.routing": Rule("str", choices=("gate", "none")),
+        "method.units": Rule("str", choices=("split", "general", "all"))},
 }
 DATA_FILES = {"text": ("src", "tgt"), "tsv": ("path",), "jsonl": ("path",)}
 

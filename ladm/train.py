@@ -21,8 +21,8 @@ from ladm.checkpoint import RunFolderLock, config_differences, load_latest, set_
 from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, read_split, share, truncate
 from ladm.distributed import DistEnv
-from ladm.evaluate import translate
 from ladm.files import write_json_atomic, write_lines_atomic
+from ladm.generation import translate
 from ladm.methods import build_method
 from ladm.metrics import Scorer
 from ladm.models import check_model_path, context_length, load_model, load_tokenizer
@@ -163,7 +163,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         write_lines_atomic(out_dir / "predictions" / f"{name}.hyp", hypotheses)
         write_lines_atomic(out_dir / "predictions" / f"{name}.ref", test_corpora[name].tgt)
     if method.trains and cfg.train.save_adapter:
-        model.save_pretrained(out_dir / "adapter", save_embedding_layers=False)
+        method.save(model, out_dir / "adapter")
     metrics = {name: m for name, (_, m, _) in outcome.items()}
     results = {
         "status": "complete",

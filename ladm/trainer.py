@@ -25,7 +25,7 @@ from ladm import LadmError
 from ladm.checkpoint import all_finite, rng_state, save_checkpoint, set_rng_state, trained_parameters
 from ladm.data import IGNORE_INDEX, Example, collate
 from ladm.distributed import DistEnv
-from ladm.losses import target_token_loss_sum
+from ladm.losses import answer_loss
 from ladm.methods import Method
 from ladm.tracking import Tracker
 
@@ -158,7 +158,7 @@ def fit(
             sync = ddp is None or i == len(micro_batches) - 1
             with (nullcontext() if sync else ddp.no_sync()), \
                     torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = target_token_loss_sum(forward_model, tensors)
+                loss = answer_loss(forward_model, tensors)
                 # DDP averages gradients over ranks; scale so the result is the global token mean.
                 (loss * dist.world_size / n_tokens).backward()
             loss_sum += loss.detach()

@@ -54,7 +54,12 @@ def repeated_corpus(tmp_path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def files_overrides(repeated_corpus) -> list[str]:
-    """Train and test on the repeated corpus through `data=files`."""
+    """Train and test on the repeated corpus through `data=files`; the ΔR probe's zh→en reference pair reads
+    the shipped FLORES dev files."""
+    from ladm import REPO_ROOT
+
     src, tgt = repeated_corpus
+    flores = REPO_ROOT / "data" / "flores200" / "dev"
     return ["data=files", f"data.train.src={src}", f"data.train.tgt={tgt}",
-            f"data.test.src={src}", f"data.test.tgt={tgt}", "eval.max_samples=4"]
+            f"data.test.src={src}", f"data.test.tgt={tgt}", "eval.max_samples=4",
+            f"probe.reference_data={{format: text, src: {flores / 'zho_Hans.dev'}, tgt: {flores / 'eng_Latn.dev'}}}"]

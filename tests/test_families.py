@@ -14,8 +14,8 @@ import torch
 
 from ladm import REPO_ROOT
 from ladm.data import LengthBudgets, SequenceFormat, collate, read_split, render_prompt
-from ladm.evaluate import translate
-from ladm.losses import full_logits_loss_sum, target_token_loss_sum
+from ladm.generation import translate
+from ladm.losses import answer_loss, full_logits_loss_sum
 from ladm.models import load_model, load_tokenizer
 from ladm.train import run
 
@@ -136,7 +136,7 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(make_cfg, family, mo
     batch = collate(fmt.encode(corpus, cfg.pair), tok.pad_token_id)
     weight = model.get_output_embeddings().weight
     losses, grads = [], []
-    for loss_fn in (target_token_loss_sum, full_logits_loss_sum):
+    for loss_fn in (answer_loss, full_logits_loss_sum):
         model.zero_grad()
         model.requires_grad_(True)
         loss = loss_fn(model, batch)
@@ -158,13 +158,14 @@ TEACHERS = {  # a deeper, wider teacher of the same family (same tokenizer)
 }
 
 
-@pytest.mark.parametrize("method", ["lora", "ladm", "mlas_lora"])
+@pytest.mark.parametrize("method", ["lora", "ladm", "mlas_lora", "landermt"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_method_on_every_family_with_chat_template(make_cfg, files_overrides, tmp_path, family, method):
-    """lora, ladm (probe included) and mlas_lora end to end on each family's test model, chat template on,
+    """lora, ladm (probe included), mlas_lora and landermt end to end on each family's test model, chat template on,
     with auto length budgets and their truncation counts in results.json (generation kept short, except for
     lora, where the auto generation budget runs too)."""
     extra = {"ladm": ["probe.n_sentences=4", "probe.batch_size=2", "method.k_tal=1", "method.k_lil=1"],
+             "landermt": ["method.pairs=[zh-lo,zh-km]", "method.lambda=0.6", "probe.n_sentences=4", "probe.batch_size=2"],
              "mlas_lora": ["method.pairs=[zh-lo,zh-km]", "probe.n_sentences=4", "probe.batch_size=2",
                            *TEACHERS[family]]}.get(method, [])
     overrides = [f"model={FAMILIES[family][0]}", "model.chat_template=true", f"method={method}", "train.max_steps=2",

@@ -8,13 +8,15 @@ import torch
 from peft import PeftModel
 
 from ladm import LadmError
-from ladm.awareness import NeuronAwareness, classify, extract, linear_maps, load_or_compute, pick
+from ladm.analysis.awareness import UnitAwareness
+from ladm.analysis.split import lambda_split, pick
 from ladm.data import SequenceFormat, collate, read_split
 from ladm.methods import build_method
+from ladm.methods.mlas_lora import extract, linear_maps, load_or_compute
 from ladm.models import decoder_layers, load_model, load_tokenizer
 from ladm.train import run
 
-FAST = ["probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r_spe=4"]
+FAST = ["probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r_spe=4", "method.pairs=[zh-lo,zh-km]"]
 
 
 def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
@@ -24,7 +26,7 @@ def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
     corpus = read_split(cfg.data.train).head(3)
     batch = collate(SequenceFormat.from_cfg(tokenizer, cfg.model).encode(corpus, cfg.pair), tokenizer.pad_token_id)
     maps = linear_maps(decoder_layers(model)[1], ["q_proj", "down_proj"])
-    awareness = NeuronAwareness(maps)
+    awareness = UnitAwareness({name: (m, ("out", "in")) for name, m in maps.items()})
     with awareness:
         awareness.add_batch(model, batch)
     # Independent: capture each map's input and output, take ∂L/∂h with torch.autograd.grad.
@@ -36,7 +38,9 @@ def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
     for handle in handles:
         handle.remove()
     labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                                  reduction="none")
+    loss = (per_token.sum(1) / (labels != -100).sum(1)).sum()  # METHODS.md §3.2: Σ over sentences of their mean
     tensors = [t for name in maps for t in captured[name]]
     grads = dict(zip(tensors, torch.autograd.grad(loss, tensors), strict=True))
     mask = batch["attention_mask"].bool()
@@ -54,16 +58,18 @@ def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
     ([[2.0, 0.0], [1.0, 0.0], [1.0, 4.0]], 0.5, [True, False], [0, 2]),
 ])
 def test_lambda_classification_table(phi, lam, general, owner):
-    is_general, top = classify(torch.tensor(phi), lam)
-    assert is_general.tolist() == general and top.tolist() == owner
+    is_general, specific = lambda_split(torch.tensor(phi), lam)
+    assert is_general.tolist() == general
+    assert specific.tolist() == [[o == p and not g for o, g in zip(owner, general, strict=True)] for p in range(len(phi))]
 
 
 def test_per_pair_normalisation_stops_a_high_loss_pair_claiming_every_neuron():
     phi = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 4.0, 3.0, 2.0]])  # pair 0 has ~10× the loss
-    assert classify(phi, 0.6)[1].tolist() == [0, 0, 0, 0]
+    assert lambda_split(phi, 0.6)[1][0].tolist() == [True, True, True, True]
     # per pair: [0.4, 0.8, 1.2, 1.6] vs [0.4, 1.6, 1.2, 0.8] → largest shares .5 (0), .67 (1), .5 (0), .67 (0)
-    general, owner = classify(phi, 0.6, "per_pair")
-    assert general.tolist() == [True, False, True, False] and owner[1] == 1 and owner[3] == 0
+    general, specific = lambda_split(phi, 0.6, "per_pair")
+    assert general.tolist() == [True, False, True, False]
+    assert specific.tolist() == [[False, False, False, True], [False, True, False, False]]
 
 
 def test_lambda_at_or_below_uniform_share_warns(make_cfg, caplog):
@@ -208,4 +214,4 @@ def test_awareness_cli_writes_a_cached_summary(tmp_path, cache_dir):
     summary = json.loads((out / "awareness.json").read_text())
     assert summary["pairs"] == ["zh-lo", "zh-km"] and len(summary["teacher_layers"]) == 4
     assert summary["teacher_layers"] == sorted(summary["teacher_layers"])
-    assert list(cache_dir.glob("awareness/*/factors.safetensors"))
+    assert list(cache_dir.glob("awareness/*/tensors.safetensors"))

@@ -4,11 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from ladm.activations import LayerRelevance, activation_disparity, layer_relevance, normalise
+from ladm.analysis.relevance import LayerRelevance, activation_disparity, layer_relevance, normalise, probe_key
 from ladm.data import render_prompt
 from ladm.methods.ladm import Selection
 from ladm.models import load_model, load_tokenizer
-from ladm.probe import probe_key
 
 
 @pytest.fixture
@@ -38,14 +37,14 @@ def relevance_from_hidden_states(model, token_ids) -> torch.Tensor:
 
 def test_streamed_relevance_equals_whole_set_computation(tiny):
     model, tokenizer, ids = tiny
-    streamed = layer_relevance(model, ids, tokenizer.pad_token_id, batch_size=3)
+    streamed = layer_relevance(model, ids, [0] * len(ids), tokenizer.pad_token_id, batch_size=3)
     torch.testing.assert_close(streamed, relevance_from_hidden_states(model, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_batch_size_and_padding_side_do_not_change_r(tiny):
     model, tokenizer, ids = tiny
-    one = layer_relevance(model, ids, tokenizer.pad_token_id, batch_size=1)
-    left = layer_relevance(model, ids, tokenizer.pad_token_id, batch_size=4)
+    one = layer_relevance(model, ids, [0] * len(ids), tokenizer.pad_token_id, batch_size=1)
+    left = layer_relevance(model, ids, [0] * len(ids), tokenizer.pad_token_id, batch_size=4)
     width = max(map(len, ids))
     right_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids])
     right_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
@@ -62,7 +61,7 @@ def test_identity_layer_has_zero_relevance(tiny):
     with torch.no_grad():  # no attention or MLP contribution: the residual passes unchanged
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
-    relevance = layer_relevance(model, ids, tokenizer.pad_token_id, batch_size=2)
+    relevance = layer_relevance(model, ids, [0] * len(ids), tokenizer.pad_token_id, batch_size=2)
     assert relevance[2] == 0
     assert (relevance[[0, 1, 3]] > 0).all()
 
@@ -96,7 +95,7 @@ def test_hand_computed_relevance_on_two_layer_toy():
     # Layer 0 adds [1, -2]: L1 change 3 on every token. Layer 1 maps y to 3y: change 2·|y|_1.
     # Sentence A = tokens (1, 2): y = [2, 0], [0, -1.5] → |y|_1 = 2, 1.5 → token mean 2·1.75 = 3.5
     # Sentence B = token (1):     y = [2, 0]            → 2·2 = 4.      R = [3, (3.5 + 4)/2 = 3.75]
-    relevance = layer_relevance(ToyLM(), [[1, 2], [1]], pad_token_id=0, batch_size=2)
+    relevance = layer_relevance(ToyLM(), [[1, 2], [1]], [0, 0], pad_token_id=0, batch_size=2)
     torch.testing.assert_close(relevance, torch.tensor([3.0, 3.75], dtype=torch.float64))
 
 
@@ -180,14 +179,15 @@ def test_ladm_probe_cli_on_a_local_model_directory(make_cfg, tmp_path, cache_dir
 
 def test_reference_references_from_the_same_files_are_refused_unless_given(make_cfg, files_overrides, tmp_path):
     from ladm import LadmError
-    from ladm.probe import reference_pair_cfg
+    from ladm.analysis.relevance import reference_pair_cfg
 
+    without_reference = [o for o in files_overrides if not o.startswith("probe.reference_data")]
     with pytest.raises(LadmError, match="set probe.reference_data"):
-        reference_pair_cfg(make_cfg("method=ladm", "probe.input=prompt+reference", *files_overrides))
-    assert reference_pair_cfg(make_cfg("method=ladm", *files_overrides)).pair.name == "zh-en"  # prompt only: fine
+        reference_pair_cfg(make_cfg("method=ladm", "probe.input=prompt+reference", *without_reference))
+    assert reference_pair_cfg(make_cfg("method=ladm", "probe.input=prompt", *without_reference)).pair.name == "zh-en"
     (tmp_path / "ref.zh").write_text("一\n", encoding="utf-8")
     (tmp_path / "ref.en").write_text("one\n", encoding="utf-8")
-    given = reference_pair_cfg(make_cfg("method=ladm", "probe.input=prompt+reference", *files_overrides,
+    given = reference_pair_cfg(make_cfg("method=ladm", "probe.input=prompt+reference", *without_reference,
                                         f"probe.reference_data={{format: text, src: {tmp_path / 'ref.zh'}, "
                                         f"tgt: {tmp_path / 'ref.en'}}}"))
     assert given.data.train.tgt == str(tmp_path / "ref.en")

@@ -1,9 +1,9 @@
 """ladm-report on synthetic results (known answers) and on a real tiny sweep."""
 
 import csv
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 

@@ -23,32 +23,38 @@ def cli(*args, launcher=(sys.executable, "-m", "ladm.train"), **kwargs) -> subpr
     return subprocess.run([*launcher, *args], cwd=REPO_ROOT, capture_output=True, text=True, env=ENV, **kwargs)
 
 
-def adapter(path, name: str = "") -> dict[str, torch.Tensor]:
-    return load_file(path / "adapter" / name / "adapter_model.safetensors")
+METHOD_EXTRAS = {"lora": [], "ladm": ["probe.n_sentences=4", "probe.batch_size=4"],
+                  "mlas_lora": ["method.pairs=[zh-lo,zh-km]", "probe.n_sentences=4", "probe.batch_size=4",
+                                "method.r_gen=4", "method.r_spe=4"],
+                  "landermt": ["method.pairs=[zh-lo,zh-km]", "method.lambda=0.6", "probe.n_sentences=4",
+                               "probe.batch_size=4"]}
 
 
-@pytest.mark.parametrize("method", ["lora", "ladm", "mlas_lora"])
+def adapters(path: Path) -> dict[str, torch.Tensor]:
+    """Every saved tensor of a run folder (MLAS-LoRA: one folder per adapter; LANDeRMT: its delta file)."""
+    return {f"{f.parent.name}/{f.name}/{k}": v for f in sorted((path / "adapter").rglob("*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_EXTRAS))
 def test_two_gloo_ranks_equal_one_process(make_cfg, files_overrides, tmp_path, cache_dir, method):
     """Global batch 4 = 2 ranks × 2; one test sentence for two ranks is still evaluated exactly once.
 
     SGD keeps the update linear in the gradient, so only float summation order separates the two;
     under AdamW a parameter whose gradient is ~ε can differ by more than 1e-6 from that noise alone.
     """
-    common = [f"method={method}", "train.max_steps=4", *TINY, "method.dropout=0.0", "train.optimizer=sgd", "train.lr=0.5",
-              *(["method.r_gen=4", "method.r_spe=4"] if method == "mlas_lora" else []),
-              *files_overrides, "eval.max_samples=1",
-              "probe.n_sentences=4", f"cache_dir={cache_dir}"]
+    common = [f"method={method}", "train.max_steps=4", *TINY, "train.optimizer=sgd", "train.lr=0.5",
+              *METHOD_EXTRAS[method], *(["method.dropout=0.0"] if method != "landermt" else []),
+              *files_overrides, "eval.max_samples=1", f"cache_dir={cache_dir}"]
     run(make_cfg(*common), tmp_path / "one")
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ladm.train")
     proc = cli(*common, "train.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}", launcher=torchrun)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # MLAS-LoRA: several adapters sit idle in each step (one folder per adapter)
-    folders = ["general", "pair_zh-lo", "pair_zh-km"] if method == "mlas_lora" else [""]
-    for folder in folders:
-        one, two = adapter(tmp_path / "one", folder), adapter(tmp_path / "two", folder)
-        assert one.keys() == two.keys()
-        for name in one:
-            torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=0)
+    # MLAS-LoRA and LANDeRMT: the other pairs' adapters or slices sit idle in each step
+    one, two = adapters(tmp_path / "one"), adapters(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=0)
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["world_size"] == 2
     for pair in results["pairs"]:
@@ -58,24 +64,14 @@ def test_two_gloo_ranks_equal_one_process(make_cfg, files_overrides, tmp_path, c
             (tmp_path / "one" / "results.json").read_text())["method_details"]["multipliers"]
 
 
-RESUME_METHODS = {"lora": [], "ladm": ["probe.n_sentences=4", "probe.batch_size=4"],
-                  "mlas_lora": ["method.pairs=[zh-lo,zh-km]", "probe.n_sentences=4", "probe.batch_size=4",
-                                "method.r_gen=4", "method.r_spe=4"]}
-
-
-def adapters(path: Path) -> dict[str, torch.Tensor]:
-    """Every adapter file of a run folder (MLAS-LoRA: one per adapter), by file and tensor name."""
-    return {f"{f.parent.name}/{k}": v for f in sorted((path / "adapter").rglob("adapter_model.safetensors"))
-            for k, v in load_file(f).items()}
-
-
-@pytest.mark.parametrize("method", sorted(RESUME_METHODS))
+@pytest.mark.parametrize("method", sorted(METHOD_EXTRAS))
 def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(files_overrides, tmp_path, cache_dir, method):
     """Killed with SIGKILL right after checkpoint step-4 (a fault-injection knob, not a timing window),
     then resumed: bit-identical adapters of every pair, against an uninterrupted run in a process with the
     same thread count (float sums differ between thread counts, so exactness holds per thread count)."""
-    common = [f"method={method}", *RESUME_METHODS[method], "train.max_steps=8", "train.checkpoint_every=2",
-              *TINY, "method.dropout=0.1", *files_overrides, "eval.max_samples=1", f"cache_dir={cache_dir}"]
+    common = [f"method={method}", *METHOD_EXTRAS[method], "train.max_steps=8", "train.checkpoint_every=2",
+              *TINY, *(["method.dropout=0.1"] if method != "landermt" else []), *files_overrides,
+              "eval.max_samples=1", f"cache_dir={cache_dir}"]
     whole = cli(*common, f"hydra.run.dir={tmp_path / 'whole'}")
     assert whole.returncode == 0, whole.stderr[-3000:]
 

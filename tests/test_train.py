@@ -11,7 +11,7 @@ from peft import PeftModel
 
 from ladm import REPO_ROOT
 from ladm.data import SequenceFormat, render_prompt
-from ladm.evaluate import translate
+from ladm.generation import translate
 from ladm.models import load_model, load_tokenizer
 from ladm.train import run
 

@@ -8,11 +8,12 @@ from ladm import LadmError
 from ladm.distributed import DistEnv
 from ladm.methods.base import Method
 from ladm.methods.ladm import LaDM
+from ladm.methods.landermt import LANDeRMT
 from ladm.methods.lora import LoRA
 from ladm.methods.mlas_lora import MLASLoRA
 from ladm.methods.zero_shot import ZeroShot
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, LoRA, LaDM, MLASLoRA)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ZeroShot, LoRA, LaDM, MLASLoRA, LANDeRMT)}
 
 
 def build_method(cfg: DictConfig, dist: DistEnv | None = None) -> Method:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -15,7 +16,8 @@ class Method:
 
     (a) `prepare_model` wraps or edits the model; (b) `param_groups` builds the optimizer's
     parameter groups; (c) `after_backward` may act on gradients after backward and after any
-    DDP all-reduce, before clipping; (d) `select_adapters` may switch adapters per batch.
+    DDP all-reduce, before clipping; (d) `select_adapters` may switch adapters per batch; (e) `save`
+    writes the trained state.
     """
 
     name: ClassVar[str]
@@ -48,6 +50,10 @@ class Method:
     def grad_norm_groups(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
         """Named parameter sets whose gradient norms are logged per step."""
         return {}
+
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        """The trained state, loadable onto the base model (PEFT methods: `PeftModel.from_pretrained`)."""
+        model.save_pretrained(folder, save_embedding_layers=False)
 
     def describe(self) -> dict[str, Any]:
         """What the method decided (e.g. per-layer multipliers), for results.json and W&B."""

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from peft import get_peft_model
 
 from ladm import LadmError
+from ladm.analysis.relevance import check_measured, delta_r_report, measure_relevance, reference_pair_cfg
 from ladm.distributed import DistEnv
 from ladm.files import read_json
 from ladm.methods.lora import LoRA, lora_config
@@ -96,8 +97,6 @@ class LaDM(LoRA):
     name = "ladm"
 
     def __init__(self, cfg: DictConfig, dist: DistEnv | None = None):
-        from ladm.probe import reference_pair_cfg
-
         super().__init__(cfg, dist)
         self.selection = Selection.from_cfg(cfg)
         reference_pair_cfg(cfg)
@@ -108,8 +107,6 @@ class LaDM(LoRA):
 
     def _read_delta_r(self, path: str) -> dict:
         """A delta_r.json from `ladm-probe`, checked against this model and these pairs."""
-        from ladm.probe import check_measured
-
         fix = "give a delta_r.json written by ladm-probe, or method.delta_r_path=null to probe now"
         given = read_json(path, "method.delta_r_path", fix)
         if not isinstance(given, dict):
@@ -127,8 +124,6 @@ class LaDM(LoRA):
         return self.report["multipliers"]
 
     def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
-        from ladm.probe import delta_r_report, measure_relevance
-
         # Rank 0 probes; every rank then modulates with the very same ΔR.
         measured = self.given or self.dist.broadcast(
             measure_relevance(model, tokenizer, self.cfg) if self.dist.is_main else None)

@@ -1,10 +1,15 @@
 """MLAS-LoRA (METHODS.md §3): a language-general LoRA plus one language-specific LoRA per pair on the
 student, initialised by SVD from submatrices of a teacher's language-aware neurons (eqs. 7–8);
-per batch the general and that pair's specific LoRA are active and trained (eq. 9)."""
+per batch the general and that pair's specific LoRA are active and trained (eq. 9).
+
+The awareness stage (steps 1–4) composes the shared analysis: teacher relevance R and its top-L_S layers,
+Φ of the output and input units of every targeted map, the λ split, and the extracted submatrices, cached
+as their teacher row/column indices and rank-R SVD factors (a 7B student's submatrices would be ~100 GB)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,20 +17,126 @@ from omegaconf import DictConfig
 from peft import LoraConfig, get_peft_model
 
 from ladm import LadmError
+from ladm.analysis.awareness import awareness_per_pair
+from ladm.analysis.relevance import analysis_examples, pair_relevance, top_layers
+from ladm.analysis.split import lambda_split, pick
+from ladm.analysis.stage import cached_stage, stage_key
+from ladm.data import SequenceFormat, pair_config
 from ladm.distributed import DistEnv
 from ladm.methods.base import Method
-from ladm.models import decoder_layers
+from ladm.models import context_length, decoder_layers, load_model, load_tokenizer, model_config
 
 log = logging.getLogger(__name__)
 OFFSET = "_offset"
 
 
+def linear_maps(layer: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Linear]:
+    """The targeted linear maps of one decoder layer, by their path inside it (e.g. `self_attn.q_proj`)."""
+    return {name: module for name, module in layer.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in targets}
+
+
+def extract(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Eqs. 4–5: the submatrix of `weight` (out × in) on the chosen output rows and input columns."""
+    return weight[rows][:, cols]
+
+
+def model_shapes(model_cfg: DictConfig, targets: list[str]) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Layer count and the (out, in) shape of every targeted map of a layer, without loading weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(model_cfg))
+    layers = decoder_layers(model)
+    return len(layers), {name: tuple(m.weight.shape) for name, m in linear_maps(layers[0], targets).items()}
+
+
+def check_teacher(cfg: DictConfig) -> None:
+    """Teacher at least as deep and as wide as the student on every targeted map; ranks that fit."""
+    targets = list(cfg.method.target_modules)
+    n_student, student = model_shapes(cfg.model, targets)
+    n_teacher, teacher = model_shapes(cfg.method.teacher, targets)
+    if n_teacher < n_student:
+        raise LadmError(f"the teacher {cfg.method.teacher.name} has {n_teacher} layers, fewer than the student's "
+                        f"{n_student}: choose a deeper teacher")
+    for name, (m, n) in student.items():
+        if name not in teacher or teacher[name][0] < m or teacher[name][1] < n:
+            raise LadmError(f"the teacher's {name} is {teacher.get(name)}, narrower than the student's {(m, n)}: "
+                            "choose a wider teacher")
+        for key in ("r_gen", "r_spe"):
+            if cfg.method[key] > min(m, n):
+                raise LadmError(f"method.{key}={cfg.method[key]} exceeds the rank of the {m}×{n} {name} submatrix")
+
+
+def stage_identity(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that changes the awareness stage's output (its cache key)."""
+    keys = ("teacher", "pairs", "lambda", "layers", "target_modules", "phi_norm")
+    return {"method": {k: cfg.method[k] for k in keys}, "rank": max(cfg.method.r_gen, cfg.method.r_spe),
+            "student": cfg.model, "seed": cfg.train.seed, "probe": cfg.probe,
+            "train": {k: cfg.train[k] for k in ("max_length", "length_coverage")},
+            "files": [pair_config(cfg, p).data[cfg.probe.split] for p in cfg.method.pairs]}
+
+
+def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """The awareness stage on the teacher (METHODS.md §3, steps 1–4). Returns, per `layer{k}.{map}.{source}`, the
+    chosen teacher `rows` and `cols` of W_s and its rank-R factors `B`, `A` (R = max(r_gen, r_spe)), and a summary."""
+    pairs, targets = list(cfg.method.pairs), list(cfg.method.target_modules)
+    teacher_tokenizer = load_tokenizer(cfg.method.teacher)
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise LadmError(f"the teacher {cfg.method.teacher.name} and the student {cfg.model.name} use different "
+                        "tokenizers: MLAS-LoRA needs a shared vocabulary")
+    teacher = load_model(cfg.method.teacher, teacher_tokenizer).to(device).eval().requires_grad_(False)
+    n_student, student_shapes = model_shapes(cfg.model, targets)
+    fmt = SequenceFormat.from_cfg(teacher_tokenizer, cfg.model)
+    examples = analysis_examples(cfg, pairs, fmt, context_length(cfg.method.teacher))
+    relevance = pair_relevance(teacher, examples, cfg.probe, teacher_tokenizer.pad_token_id)
+    layers = top_layers(relevance, n_student, cfg.method.layers, cfg.train.seed)
+    teacher_layers = decoder_layers(teacher)
+    maps = {f"{k}.{name}": module for k, l in enumerate(layers)
+            for name, module in linear_maps(teacher_layers[l], targets).items()}
+    phi = awareness_per_pair(teacher, examples, {key: (m, ("out", "in")) for key, m in maps.items()},
+                             teacher_tokenizer.pad_token_id, cfg.probe.batch_size)
+
+    rank = max(cfg.method.r_gen, cfg.method.r_spe)
+    factors, counts = {}, {}
+    for key, module in maps.items():
+        k, name = key.split(".", 1)
+        m, n = student_shapes[name]
+        weight = module.weight.detach().float().cpu()
+        side_phi = {side: phi[(key, side)] for side in ("out", "in")}
+        split = {side: lambda_split(side_phi[side], cfg.method["lambda"], cfg.method.phi_norm) for side in side_phi}
+        counts[key] = {side: {"general": int(general.sum()), **{p: int(specific[i].sum()) for i, p in enumerate(pairs)}}
+                       for side, (general, specific) in split.items()}
+        mean = {side: side_phi[side].mean(0) for side in side_phi}
+        sources = {"all": ({s: torch.ones_like(split[s][0]) for s in side_phi}, mean),
+                   "gen": ({s: split[s][0] for s in side_phi}, mean)}
+        for i, p in enumerate(pairs):
+            sources[f"spe.{p}"] = ({s: split[s][1][i] for s in side_phi}, {s: side_phi[s][i] for s in side_phi})
+        for source, (candidates, score) in sources.items():
+            rows = pick(score["out"], candidates["out"], m)
+            cols = pick(score["in"], candidates["in"], n)
+            # Eqs. 7–8 need only the top singular triplets of W_s: keep B = UΣ and A = Vᵀ at rank R
+            # (float64 SVD), not the student-sized W_s itself.
+            u, sigma, vh = torch.linalg.svd(extract(weight, rows, cols).double(), full_matrices=False)
+            prefix = f"layer{k}.{name}.{source}"
+            factors |= {f"{prefix}.rows": rows, f"{prefix}.cols": cols,
+                        f"{prefix}.B": (u[:, :rank] * sigma[:rank]).float().contiguous(),
+                        f"{prefix}.A": vh[:rank].float().contiguous()}
+    summary = {"teacher": cfg.method.teacher.name, "student": cfg.model.name, "pairs": pairs,
+               "lambda": cfg.method["lambda"], "teacher_layers": layers, "relevance": relevance, "counts": counts}
+    return factors, summary
+
+
+def load_or_compute(cfg: DictConfig, student_tokenizer, device: torch.device, is_main: bool = True,
+                    barrier=lambda: None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The stage's output from `cache_dir/awareness/<key>/`, computed (on the main rank) when absent."""
+    return cached_stage(Path(cfg.cache_dir) / "awareness" / stage_key(stage_identity(cfg)),
+                        lambda: compute_awareness(cfg, student_tokenizer, device), is_main, barrier)
+
+
 def check_mlas_cfg(cfg: DictConfig) -> None:
     """Reject impossible combinations before anything is loaded (teacher shapes from configs only); each
     value on its own is checked by `ladm.schema`."""
-    from ladm.awareness import check_teacher
-    from ladm.data import pair_config
-
     method = cfg.method
     pairs = list(method.pairs)
     if not pairs or len(set(pairs)) != len(pairs):
@@ -85,8 +196,6 @@ class MLASLoRA(Method):
         return f"spe.{pair}"
 
     def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
-        from ladm.awareness import load_or_compute
-
         device = next(model.parameters()).device
         names = self.adapter_names
         model = get_peft_model(model, self._lora_config(names[0]), adapter_name=names[0])
