@@ -109,11 +109,11 @@ def test_forward_mode_scales_lora_output_and_survives_reload(make_cfg, delta_r_f
 
 
 def test_ladm_end_to_end_probes_trains_and_saves_a_peft_adapter(make_cfg, files_overrides, tmp_path, monkeypatch):
-    import ladm.probe
+    import ladm.analysis.relevance as relevance
 
     calls = []
-    original = ladm.probe.layer_relevance
-    monkeypatch.setattr(ladm.probe, "layer_relevance", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = relevance.layer_relevance
+    monkeypatch.setattr(relevance, "layer_relevance", lambda *a, **k: calls.append(1) or original(*a, **k))
     common = ("method=ladm", "probe.n_sentences=8", "probe.batch_size=4", "train.max_steps=3", "train.log_every=1",
               "logger=wandb", "eval.max_new_tokens=4", *files_overrides)
     results = run(make_cfg(*common), tmp_path / "a")

@@ -14,6 +14,7 @@ from ladm.data import SequenceFormat, collate, read_split
 from ladm.methods import build_method
 from ladm.methods.mlas_lora import extract, linear_maps, load_or_compute
 from ladm.models import decoder_layers, load_model, load_tokenizer
+from ladm.schema import validate
 from ladm.train import run
 
 FAST = ["probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r_spe=4", "method.pairs=[zh-lo,zh-km]"]
@@ -74,8 +75,21 @@ def test_per_pair_normalisation_stops_a_high_loss_pair_claiming_every_neuron():
 
 def test_lambda_at_or_below_uniform_share_warns(make_cfg, caplog):
     with caplog.at_level(logging.WARNING):
-        build_method(make_cfg("method=mlas_lora", "method.lambda=0.5", "method.init=random"))
+        build_method(make_cfg("method=mlas_lora", "method.pairs=[zh-lo,zh-km]", "method.lambda=0.5", "method.init=random"))
     assert "every neuron is language-specific" in caplog.text
+
+
+def test_seven_pairs_give_general_neurons_so_the_ablations_differ(make_cfg):
+    """The default seven zh→X pairs with λ = 0.2 (> 1/7): the tiny teacher has general neurons, and the submatrix
+    the general LoRA starts from (-Mr-gen, -Ms-gen) differs from the one of all neurons (-Mr-a, -Ms-a)."""
+    cfg = make_cfg("method=mlas_lora", "probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r_spe=4")
+    assert len(cfg.method.pairs) == 7
+    tokenizer = load_tokenizer(cfg.model)
+    factors, summary = load_or_compute(cfg, tokenizer, torch.device("cpu"))
+    assert sum(c["out"]["general"] + c["in"]["general"] for c in summary["counts"].values()) > 0
+    differs = [key for key in factors if key.endswith(".gen.rows") or key.endswith(".gen.cols")
+               if not torch.equal(factors[key], factors[key.replace(".gen.", ".all.")])]
+    assert differs
 
 
 def test_extraction_keeps_original_order_and_highest_awareness():
@@ -188,8 +202,9 @@ def test_end_to_end_two_pairs_each_with_its_own_adapters(make_cfg, tmp_path):
 ])
 def test_bad_mlas_input(make_cfg, tmp_path, overrides, message):
     with pytest.raises(LadmError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
-        method = build_method(make_cfg("method=mlas_lora", *FAST, *overrides))
-        cfg = method.cfg
+        cfg = make_cfg("method=mlas_lora", *FAST, *overrides)
+        validate(cfg)  # as every entry point does first
+        method = build_method(cfg)
         tokenizer = load_tokenizer(cfg.model)
         method.prepare_model(load_model(cfg.model, tokenizer), tokenizer)
 
