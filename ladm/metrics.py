@@ -11,6 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -60,6 +61,7 @@ class Scorer:
     spm_status: str = "absent"  # official | unofficial | missing | absent (not requested)
     comet_ckpt: Path | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    _comet_model: Any = None  # loaded once per process, on first use
 
     @classmethod
     def preflight(cls, eval_cfg: DictConfig) -> Scorer:
@@ -97,7 +99,8 @@ class Scorer:
 
     def score(self, sources: list[str], hypotheses: list[str], references: list[str],
               comet: bool = True) -> tuple[dict, dict]:
-        """Corpus scores and sacrebleu signatures; skipped metrics are null (COMET only if `comet`)."""
+        """Corpus scores and sacrebleu signatures; skipped metrics are null (COMET only if `comet`; several
+        pairs score COMET in one call with `comet_by_pair`)."""
         metrics: dict[str, float | None] = {}
         signatures: dict[str, str] = {}
         if "chrf++" in self.eval_cfg.metrics:
@@ -112,14 +115,25 @@ class Scorer:
                 metrics[key] = bleu.corpus_score(hypotheses, [references]).score
                 signatures[key] = str(bleu.get_signature())
         if comet and "comet" in self.eval_cfg.metrics:
-            metrics["comet"] = None if self.comet_ckpt is None else self._comet(sources, hypotheses, references)
+            metrics["comet"] = self.comet_by_pair({"": (sources, hypotheses, references)})[""]
         return metrics, signatures
 
-    def _comet(self, sources: list[str], hypotheses: list[str], references: list[str]) -> float:
-        from comet import load_from_checkpoint
+    def comet_by_pair(self, triples: dict[str, tuple[list[str], list[str], list[str]]]) -> dict[str, float | None]:
+        """COMET system score (the mean of its segment scores) of every pair, all pairs in one `predict` call
+        with the model loaded once per process; null when the checkpoint is missing (`eval.on_missing=skip`)."""
+        if self.comet_ckpt is None:
+            return {pair: None for pair in triples}
+        if self._comet_model is None:
+            from comet import load_from_checkpoint
 
-        model = load_from_checkpoint(str(self.comet_ckpt), local_files_only=True)
-        samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references, strict=True)]
-        output = model.predict(samples, batch_size=self.eval_cfg.comet.batch_size,
-                               gpus=1 if torch.cuda.is_available() else 0, num_workers=0, progress_bar=True)
-        return float(output.system_score)
+            self._comet_model = load_from_checkpoint(str(self.comet_ckpt), local_files_only=True)
+        samples, owners = [], []
+        for pair, (sources, hypotheses, references) in triples.items():
+            samples += [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references, strict=True)]
+            owners += [pair] * len(sources)
+        output = self._comet_model.predict(samples, batch_size=self.eval_cfg.comet.batch_size,
+                                           gpus=1 if torch.cuda.is_available() else 0, num_workers=0, progress_bar=True)
+        by_pair: dict[str, list[float]] = {pair: [] for pair in triples}
+        for pair, score in zip(owners, output.scores, strict=True):
+            by_pair[pair].append(float(score))
+        return {pair: sum(scores) / len(scores) for pair, scores in by_pair.items()}

@@ -117,7 +117,8 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     hit_budget: dict[str, dict] = {}
 
     def evaluate(step: int | None = None) -> dict[str, tuple[list[str], dict, dict]]:
-        """Per pair, with that pair's adapters: every rank translates its share, rank 0 scores the whole."""
+        """Per pair, with that pair's adapters: every rank translates its share, rank 0 scores the whole
+        (COMET at the end only, every pair in one call)."""
         outcome = {}
         for name in pair_cfgs:
             method.select_adapters(model, name)
@@ -132,10 +133,14 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
                 if hit_budget[name]["count"]:
                     log.warning("%s: %.1f%% of hypotheses ran to eval.max_new_tokens=%d without ending", name,
                                 100 * hit_budget[name]["share"], budgets.max_new_tokens[name])
-                metrics, signatures = scorer.score(corpus.src, hypotheses, corpus.tgt, comet=step is None)
-                tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items() if v is not None},
-                            step=step or cfg.train.max_steps)
-                outcome[name] = (hypotheses, metrics, signatures)
+                outcome[name] = (hypotheses, *scorer.score(corpus.src, hypotheses, corpus.tgt, comet=False))
+        if dist.is_main and step is None and "comet" in cfg.eval.metrics:
+            comet = scorer.comet_by_pair({name: (test_corpora[name].src, hypotheses, test_corpora[name].tgt)
+                                          for name, (hypotheses, _, _) in outcome.items()})
+            for name, score in comet.items():
+                outcome[name][1]["comet"] = score
+        for name, (_, metrics, _) in outcome.items():
+            tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items() if v is not None}, step=step or cfg.train.max_steps)
         return outcome
 
     train_stats: dict = {}

@@ -118,6 +118,26 @@ def test_comet_through_real_predict_path(tiny_comet):
     assert scores["comet"] == pytest.approx(expected.system_score, abs=1e-5)
 
 
+def test_comet_loads_once_and_scores_every_pair_in_one_call(tiny_comet, monkeypatch):
+    """Two pairs in one predict call equal each pair's own system score from the reference model; the
+    checkpoint is loaded once however often the scorer is asked."""
+    import comet
+
+    checkpoint_dir, reference_model = tiny_comet
+    loads = []
+    original = comet.load_from_checkpoint
+    monkeypatch.setattr(comet, "load_from_checkpoint", lambda *a, **k: loads.append(1) or original(*a, **k))
+    scorer = Scorer.preflight(eval_cfg(metrics=["comet"], comet={"model": str(checkpoint_dir)}))
+    triples = {"zh-lo": (SRC[:2], HYP[:2], REF[:2]), "zh-km": (SRC[2:], HYP[2:], REF[2:])}
+    scores = scorer.comet_by_pair(triples)
+    scorer.comet_by_pair(triples)
+    assert len(loads) == 1
+    for pair, (src, hyp, ref) in triples.items():
+        samples = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(src, hyp, ref, strict=True)]
+        expected = reference_model.predict(samples, batch_size=2, gpus=0, num_workers=0, progress_bar=False)
+        assert scores[pair] == pytest.approx(expected.system_score, abs=1e-5)
+
+
 def test_missing_comet_checkpoint(tmp_path):
     with pytest.raises(LadmError, match="not available offline"):
         Scorer.preflight(eval_cfg(metrics=["comet"], comet={"model": "Unbabel/not-a-cached-model"}))
