@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from ladm import CONFIG_DIR  # noqa: E402
 from ladm.data import SequenceFormat, read_split  # noqa: E402
-from ladm.generation import first_line, translate  # noqa: E402
+from ladm.generation import CPU_BATCH_SIZE, first_line, translate  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
 
 
@@ -37,13 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama3")
     parser.add_argument("--sentences", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+    parser.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}"])
-    args.batch_size = args.batch_size or cfg.eval.batch_size
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval()
     corpus = read_split(cfg.data.test).head(args.sentences)

@@ -14,13 +14,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from peak_memory import peak_during  # noqa: E402
 
 from ladm import CONFIG_DIR  # noqa: E402
 from ladm.data import SequenceFormat, collate, read_split  # noqa: E402
@@ -29,11 +29,6 @@ from ladm.methods import build_method  # noqa: E402
 from ladm.models import load_model, load_tokenizer  # noqa: E402
 
 LOSSES = {"full_logits": full_logits_loss_sum, "chunked": answer_loss}
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure(variant: str, model_name: str, batch_size: int) -> dict:
@@ -45,26 +40,9 @@ def measure(variant: str, model_name: str, batch_size: int) -> dict:
     examples = SequenceFormat.from_cfg(tokenizer, cfg.model).encode(read_split(cfg.data.train).head(batch_size), cfg.pair)
     batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
     model = build_method(cfg).prepare_model(load_model(cfg.model, tokenizer).to(device), tokenizer)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = current_rss()
-    sampled, stop = [before], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(1e-3):
-            sampled.append(current_rss())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     start = time.perf_counter()
-    LOSSES[variant](model, batch).backward()
+    peak = peak_during(lambda: LOSSES[variant](model, batch).backward(), device)
     seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else max(sampled)) - before
     return {"peak_bytes": peak, "seconds": seconds, "tokens": int(batch["attention_mask"].sum()),
             "shape": list(batch["input_ids"].shape), "device": str(device)}
 

@@ -22,7 +22,7 @@ from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, read_split, share, truncate
 from ladm.distributed import DistEnv
 from ladm.files import write_json_atomic, write_lines_atomic
-from ladm.generation import translate
+from ladm.generation import eval_batch_size, translate
 from ladm.methods import build_method
 from ladm.metrics import Scorer
 from ladm.models import check_model_path, context_length, load_model, load_tokenizer
@@ -111,6 +111,9 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings, trainable adapters: keep the graph alive
+    longest = max(len(p) + budgets.max_new_tokens[name] for name, prompts in test_prompts.items() for p in prompts)
+    batch_size = eval_batch_size(cfg.eval.batch_size, model, longest, dist.device,
+                                 Path(cfg.cache_dir) / "eval_batch_size.json", cfg.model.name)
     tracker = Tracker(cfg, out_dir, dist.is_main, resume_id=resume["wandb_id"] if resume else None)
     tracker.config({"method_details": method.describe()})
 
@@ -123,7 +126,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         for name in pair_cfgs:
             method.select_adapters(model, name)
             corpus, prompts = test_corpora[name], test_prompts[name]
-            shard = translate(model, tokenizer, prompts[dist.rank::dist.world_size], stop_ids, cfg.eval.batch_size,
+            shard = translate(model, tokenizer, prompts[dist.rank::dist.world_size], stop_ids, batch_size,
                               budgets.max_new_tokens[name], cfg.eval.num_beams, desc=f"generate {name}")
             hypotheses, hit = [""] * len(prompts), [False] * len(prompts)
             for rank, part in enumerate(dist.gather(shard)):

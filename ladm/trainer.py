@@ -83,12 +83,17 @@ def fit(
     pairs = list(examples)
     loaders = {}
     for pair, pair_examples in examples.items():
-        sampler = DistributedSampler(pair_examples, num_replicas=dist.world_size, rank=dist.rank,
-                                     shuffle=True, seed=train_cfg.seed, drop_last=True)
-        # Its own generator: starting an epoch must not draw from the global RNG (exact resume).
-        loader = DataLoader(pair_examples, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
-                            collate_fn=lambda b: collate(b, pad_token_id),
-                            generator=torch.Generator().manual_seed(train_cfg.seed))
+        if train_cfg.group_by_length:
+            sampler = GroupedBatches([len(e.input_ids) for e in pair_examples], train_cfg.batch_size,
+                                     dist.world_size, dist.rank, train_cfg.seed)
+            loader = DataLoader(pair_examples, batch_sampler=sampler, collate_fn=lambda b: collate(b, pad_token_id))
+        else:
+            sampler = DistributedSampler(pair_examples, num_replicas=dist.world_size, rank=dist.rank,
+                                         shuffle=True, seed=train_cfg.seed, drop_last=True)
+            # Its own generator: starting an epoch must not draw from the global RNG (exact resume).
+            loader = DataLoader(pair_examples, batch_size=train_cfg.batch_size, sampler=sampler, drop_last=True,
+                                collate_fn=lambda b: collate(b, pad_token_id),
+                                generator=torch.Generator().manual_seed(train_cfg.seed))
         if len(loader) == 0:
             raise LadmError(f"{len(pair_examples)} training sentences of {pair} cannot fill one batch of "
                             f"train.batch_size={train_cfg.batch_size} on {dist.world_size} rank(s)")
@@ -196,6 +201,39 @@ def fit(
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+class GroupedBatches:
+    """Batches of similar length (`train.group_by_length`), seeded per epoch, the same on every rank.
+
+    Each epoch the examples are shuffled (seed + epoch), cut into windows of `WINDOW` global batches, sorted
+    by length inside a window and cut into global batches of world × batch_size; the batch order is shuffled
+    too. Rank r takes every world-th example of a global batch, so N ranks with batch b see exactly the
+    batches of one rank with batch N·b. Incomplete global batches are dropped, as `drop_last` does."""
+
+    WINDOW = 50
+
+    def __init__(self, lengths: list[int], batch_size: int, world_size: int, rank: int, seed: int):
+        self.lengths, self.batch_size, self.world_size, self.rank, self.seed = lengths, batch_size, world_size, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths) // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.batch_size * self.world_size
+        window = size * self.WINDOW
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + size] for i in range(0, len(chunk) - size + 1, size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b][self.rank::self.world_size]
 
 
 class Preempted(BaseException):  # noqa: N818 - like KeyboardInterrupt: not a failure of the job
