@@ -62,7 +62,9 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
                 raise
             # In a sweep one failed job must not stop the others: record it and go on.
             log.error("job %s failed: %s", out_dir.name, err)
-            if int(os.environ.get("RANK", "0")) == 0:
+            record = out_dir / "results.json"
+            failed_before = record.is_file() and '"status": "failed"' in record.read_text(encoding="utf-8")
+            if int(os.environ.get("RANK", "0")) == 0 and not failed_before:  # keep the fuller record the run wrote
                 try:
                     write_json_atomic(out_dir / "results.json", {
                         "status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),

@@ -104,6 +104,17 @@ def read_split(split: DictConfig) -> ParallelCorpus:
     raise LadmError(f"unknown data format '{fmt}': use text, tsv or jsonl")
 
 
+def hold_out(corpus: ParallelCorpus, size: int, seed: int) -> tuple[ParallelCorpus, ParallelCorpus]:
+    """(training, validation): a seeded slice of `size` sentences (at most a fifth of the corpus) removed from
+    the training data, in their original order. `size` 0 gives an empty validation set."""
+    size = min(size, len(corpus) // 5)
+    chosen = set(torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed))[:size].tolist())
+    keep = [i for i in range(len(corpus)) if i not in chosen]
+    held = sorted(chosen)
+    return (ParallelCorpus([corpus.src[i] for i in keep], [corpus.tgt[i] for i in keep]),
+            ParallelCorpus([corpus.src[i] for i in held], [corpus.tgt[i] for i in held]))
+
+
 def pair_config(cfg: DictConfig, name: str) -> DictConfig:
     """A copy of `cfg` with `pair` set to conf/pair/<name>.yaml, so `data.*` paths re-resolve for it."""
     if name == cfg.pair.name:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,21 @@ class Scorer:
         for pair, score in zip(owners, output.scores, strict=True):
             by_pair[pair].append(float(score))
         return {pair: sum(scores) / len(scores) for pair, scores in by_pair.items()}
+
+
+# Unicode blocks of the target scripts of the LaDM pairs (the Latin-script targets have no off-target measure).
+SCRIPTS = {"lo": [(0x0E80, 0x0EFF)], "km": [(0x1780, 0x17FF), (0x19E0, 0x19FF)],
+           "my": [(0x1000, 0x109F), (0xA9E0, 0xA9FF), (0xAA60, 0xAA7F)], "th": [(0x0E00, 0x0E7F)]}
+
+
+def target_script_ratio(hypotheses: list[str], target: str) -> float | None:
+    """The share of the hypotheses' letters that are in the target language's script (Unicode ranges, no
+    model): low values mean off-target output, e.g. Chinese or English instead of Lao. None for targets
+    whose script is not distinctive (Latin)."""
+    if target not in SCRIPTS:
+        return None
+    letters = [c for text in hypotheses for c in text if c.isalpha() or unicodedata.category(c).startswith("M")]
+    if not letters:
+        return 0.0
+    inside = sum(any(lo <= ord(c) <= hi for lo, hi in SCRIPTS[target]) for c in letters)
+    return inside / len(letters)

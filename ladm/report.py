@@ -24,7 +24,8 @@ from ladm import LadmError
 from ladm.files import read_json, write_text_atomic
 from ladm.plots import pyplot, save_figure
 
-METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)"}
+METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)",
+           "target_script_ratio": "target-script ratio (share of hypothesis letters in the target's script)"}
 BOOTSTRAPPED = {"chrf++", "spbleu"}  # sentence-level COMET scores are not saved, so COMET is not resampled
 IGNORED_KEYS = ("pair.", "data.", "name", "cache_dir", "force", "logger.", "eval.comet.", "probe.reference_pair")
 GROUPS_READ = {"ladm": ("strength.", "probe.")}  # top-level groups a method reads besides method.*

@@ -10,6 +10,7 @@ import json
 import logging
 import platform
 import time
+import traceback
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,12 +20,12 @@ from transformers import set_seed
 from ladm import LadmError
 from ladm.checkpoint import RunFolderLock, config_differences, load_latest, set_aside
 from ladm.cli import cli_main
-from ladm.data import LengthBudgets, SequenceFormat, pair_config, read_split, share, truncate
+from ladm.data import LengthBudgets, SequenceFormat, hold_out, pair_config, read_split, share, truncate
 from ladm.distributed import DistEnv
 from ladm.files import write_json_atomic, write_lines_atomic
 from ladm.generation import eval_batch_size, translate
 from ladm.methods import build_method
-from ladm.metrics import Scorer
+from ladm.metrics import Scorer, target_script_ratio
 from ladm.models import check_model_path, context_length, load_model, load_tokenizer
 from ladm.schema import training_identity, validate
 from ladm.tracking import Tracker
@@ -91,15 +92,19 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     check_model_path(cfg.model)
     method = build_method(cfg, dist)
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
-    train_corpora = {name: read_split(c.data.train).head(cfg.data.max_train_samples) for name, c in pair_cfgs.items()}
-    test_corpora = {name: read_split(c.data.test).head(cfg.eval.max_samples) for name, c in pair_cfgs.items()}
+    held_out = {name: hold_out(read_split(c.data.train), cfg.data.validation_size, seed=0) for name, c in pair_cfgs.items()}
+    train_corpora = {name: train.head(cfg.data.max_train_samples) for name, (train, _) in held_out.items()}
+    corpora = {"validation": {name: valid for name, (_, valid) in held_out.items()},
+               "test": {name: read_split(c.data.test).head(cfg.eval.max_samples) for name, c in pair_cfgs.items()}}
     scorer = Scorer.preflight(cfg.eval)
     resume = resume_state(cfg, out_dir, dist, method.trains)
 
     tokenizer = load_tokenizer(cfg.model)
     fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
     train_examples = {name: fmt.encode(train_corpora[name], c.pair) for name, c in pair_cfgs.items()}
-    test_prompts = {name: fmt.prompt_ids(test_corpora[name].src, c.pair) for name, c in pair_cfgs.items()}
+    prompts = {split: {name: fmt.prompt_ids(by_pair[name].src, c.pair) for name, c in pair_cfgs.items()}
+               for split, by_pair in corpora.items()}
+    test_prompts = prompts["test"]
     budgets = LengthBudgets.choose(cfg.train.max_length, cfg.train.length_coverage, cfg.eval.max_new_tokens,
                                    cfg.eval.length_margin, context_length(cfg.model), train_examples, test_prompts)
     log.info("length budgets: train.max_length=%d, eval.max_new_tokens=%s", budgets.max_length, budgets.max_new_tokens)
@@ -118,33 +123,54 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     tracker.config({"method_details": method.describe()})
 
     hit_budget: dict[str, dict] = {}
+    validation: dict[str, dict] = {}
 
-    def evaluate(step: int | None = None) -> dict[str, tuple[list[str], dict, dict]]:
-        """Per pair, with that pair's adapters: every rank translates its share, rank 0 scores the whole
-        (COMET at the end only, every pair in one call)."""
-        outcome = {}
+    def generate(split: str) -> dict[str, list[str]]:
+        """Per pair, with that pair's adapters, every rank translates its share; rank 0 gets the whole."""
+        outputs = {}
         for name in pair_cfgs:
             method.select_adapters(model, name)
-            corpus, prompts = test_corpora[name], test_prompts[name]
-            shard = translate(model, tokenizer, prompts[dist.rank::dist.world_size], stop_ids, batch_size,
-                              budgets.max_new_tokens[name], cfg.eval.num_beams, desc=f"generate {name}")
-            hypotheses, hit = [""] * len(prompts), [False] * len(prompts)
+            split_prompts = prompts[split][name]
+            shard = translate(model, tokenizer, split_prompts[dist.rank::dist.world_size], stop_ids, batch_size,
+                              budgets.max_new_tokens[name], cfg.eval.num_beams, desc=f"generate {name} ({split})")
+            hypotheses, hit = [""] * len(split_prompts), [False] * len(split_prompts)
             for rank, part in enumerate(dist.gather(shard)):
                 hypotheses[rank::dist.world_size], hit[rank::dist.world_size] = part.hypotheses, part.hit_budget
-            if dist.is_main:
+            outputs[name] = hypotheses
+            if dist.is_main and split == "test":
                 hit_budget[name] = share(hit)
                 if hit_budget[name]["count"]:
                     log.warning("%s: %.1f%% of hypotheses ran to eval.max_new_tokens=%d without ending", name,
                                 100 * hit_budget[name]["share"], budgets.max_new_tokens[name])
-                outcome[name] = (hypotheses, *scorer.score(corpus.src, hypotheses, corpus.tgt, comet=False))
-        if dist.is_main and step is None and "comet" in cfg.eval.metrics:
-            comet = scorer.comet_by_pair({name: (test_corpora[name].src, hypotheses, test_corpora[name].tgt)
-                                          for name, (hypotheses, _, _) in outcome.items()})
-            for name, score in comet.items():
-                outcome[name][1]["comet"] = score
-        for name, (_, metrics, _) in outcome.items():
-            tracker.log({f"eval/{name}/{k}": v for k, v in metrics.items() if v is not None}, step=step or cfg.train.max_steps)
-        return outcome
+                for ext, lines in (("src", corpora[split][name].src), ("hyp", hypotheses), ("ref", corpora[split][name].tgt)):
+                    write_lines_atomic(out_dir / "predictions" / f"{name}.{ext}", lines)  # before any scoring
+        return outputs
+
+    def score(split: str, outputs: dict[str, list[str]], step: int) -> dict[str, tuple[dict, dict]]:
+        """Corpus metrics and signatures per pair (COMET on the test set only, every pair in one call)."""
+        scored = {}
+        for name, hypotheses in outputs.items():
+            corpus = corpora[split][name]
+            metrics, signatures = scorer.score(corpus.src, hypotheses, corpus.tgt, comet=False)
+            scored[name] = (metrics | {"target_script_ratio": target_script_ratio(hypotheses, pair_cfgs[name].pair.tgt.code)},
+                            signatures)
+        if split == "test" and "comet" in cfg.eval.metrics:
+            comet = scorer.comet_by_pair({name: (corpora[split][name].src, hyps, corpora[split][name].tgt)
+                                          for name, hyps in outputs.items()})
+            for name, value in comet.items():
+                scored[name][0]["comet"] = value
+        for name, (metrics, _) in scored.items():
+            tracker.log({f"{split}/{name}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
+        return scored
+
+    def evaluate_validation(step: int) -> None:
+        """`train.eval_every`: the held-out validation slice, never the test set."""
+        if all(len(c) for c in corpora["validation"].values()):
+            outputs = generate("validation")
+            if dist.is_main:
+                validation.update({name: metrics for name, (metrics, _) in score("validation", outputs, step).items()})
+        else:
+            log.warning("no validation sentences (data.validation_size=0 or a tiny corpus): skipping evaluation at step %d", step)
 
     train_stats: dict = {}
     truncated_train: dict[str, dict] = {}
@@ -157,22 +183,16 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
                 log.warning("%s: %.1f%% of training examples were truncated to train.max_length=%d", name,
                             100 * truncated_train[name]["share"], budgets.max_length)
         train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker, out_dir,
-                          resume=resume, on_eval=evaluate, identity=training_identity(cfg))
+                          resume=resume, on_eval=evaluate_validation, identity=training_identity(cfg))
         train_stats |= {"n_train": sum(map(len, examples.values())), "max_length": budgets.max_length}
+        if dist.is_main and cfg.train.save_adapter:
+            method.save(model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
 
     eval_started = time.perf_counter()
-    outcome = evaluate()
-    eval_seconds = time.perf_counter() - eval_started
+    outputs = generate("test")
     if not dist.is_main:
         dist.close()
         return {}
-
-    for name, (hypotheses, _, _) in outcome.items():
-        write_lines_atomic(out_dir / "predictions" / f"{name}.hyp", hypotheses)
-        write_lines_atomic(out_dir / "predictions" / f"{name}.ref", test_corpora[name].tgt)
-    if method.trains and cfg.train.save_adapter:
-        method.save(model, out_dir / "adapter")
-    metrics = {name: m for name, (_, m, _) in outcome.items()}
     results = {
         "status": "complete",
         "name": cfg.name,
@@ -180,21 +200,33 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         "method": cfg.method.name,
         "pairs": list(pair_cfgs),
         "test_set": cfg.data.test.name,
-        "n_test": {name: len(corpus) for name, corpus in test_corpora.items()},
-        "metrics": metrics,
-        "signatures": next(iter(outcome.values()))[2],
-        "skipped": scorer.skipped,
+        "n_test": {name: len(corpus) for name, corpus in corpora["test"].items()},
+        "n_validation": {name: len(corpus) for name, corpus in corpora["validation"].items()},
         "method_details": method.describe(),
         "world_size": dist.world_size,
         "train": {k: v for k, v in train_stats.items() if k != "losses"},
         "max_new_tokens": budgets.max_new_tokens,
         "truncated_train": truncated_train,
         "hit_generation_budget": hit_budget,
-        "timings": {"total_s": time.perf_counter() - started, "train_s": train_stats.get("seconds", 0.0),
-                    "eval_s": eval_seconds},
+        "validation": validation,
         "versions": {name: version(name) for name in VERSIONED} | {"python": platform.python_version()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    try:
+        scored = score("test", outputs, cfg.train.max_steps)
+    except Exception as err:
+        write_json_atomic(out_dir / "results.json", results | {
+            "status": "failed", "error": f"scoring failed: {type(err).__name__}: {err}",
+            "traceback": traceback.format_exc()})  # the adapter and the predictions are on disk
+        raise
+    metrics = {name: m for name, (m, _) in scored.items()}
+    results |= {"metrics": metrics, "signatures": next(iter(scored.values()))[1], "skipped": scorer.skipped,
+                "timings": {"total_s": time.perf_counter() - started, "train_s": train_stats.get("seconds", 0.0),
+                            "eval_s": time.perf_counter() - eval_started}}
+    for name, hypotheses in outputs.items():
+        rows = [[s, r, h] for s, r, h in zip(corpora["test"][name].src, corpora["test"][name].tgt, hypotheses,
+                                             strict=True)][:cfg.eval.n_samples]
+        tracker.table(f"samples/{name}", ["source", "reference", "hypothesis"], rows)
     tracker.summary({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
     tracker.finish()
     write_json_atomic(out_dir / "results.json", results)

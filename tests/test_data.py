@@ -95,3 +95,16 @@ def test_bad_jsonl_lines_are_named(tmp_path, line, message):
     (tmp_path / "d.jsonl").write_text('{"src": "二", "tgt": "two"}\n' + line + "\n", encoding="utf-8")
     with pytest.raises(LadmError, match=re.escape(message)):
         read_split(OmegaConf.create({"format": "jsonl", "path": str(tmp_path / "d.jsonl")}))
+
+
+def test_validation_is_a_fixed_held_out_slice_of_the_training_split(make_cfg):
+    from ladm.data import hold_out
+
+    corpus = read_split(make_cfg().data.train)
+    train, valid = hold_out(corpus, 100, seed=0)
+    assert len(valid) == 100 and len(train) == len(corpus) - 100
+    pairs = lambda c: list(zip(c.src, c.tgt, strict=True))  # noqa: E731
+    assert not set(pairs(valid)) & set(pairs(train))  # disjoint
+    assert sorted(pairs(train) + pairs(valid)) == sorted(pairs(corpus))
+    assert hold_out(corpus, 100, seed=0) == (train, valid)  # the same slice every time
+    assert len(hold_out(corpus.head(40), 100, seed=0)[1]) == 8  # at most a fifth of a small corpus

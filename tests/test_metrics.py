@@ -156,3 +156,12 @@ def test_run_records_all_three_metrics_honestly(make_cfg, files_overrides, sacre
     assert scores["chrf++"] == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score)
     assert scores["spbleu"] is None and "bleu_spm_unofficial" in scores and "spbleu" in results["skipped"]
     assert isinstance(scores["comet"], float)
+
+
+def test_target_script_ratio_counts_letters_of_the_target_script():
+    from ladm.metrics import target_script_ratio
+
+    assert target_script_ratio(["ສະບາຍດີ"], "lo") == 1.0
+    assert target_script_ratio(["ສະບາຍດີ hello"], "lo") == pytest.approx(7 / 12)  # 7 Lao code points, 5 Latin
+    assert target_script_ratio(["你好"], "lo") == 0.0 and target_script_ratio(["xin chào"], "vi") is None
+    assert target_script_ratio(["မင်္ဂလာပါ"], "my") == 1.0 and target_script_ratio(["សួស្តី"], "km") == 1.0

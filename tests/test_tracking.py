@@ -37,6 +37,9 @@ def test_offline_wandb_run_holds_loss_lr_and_metrics(make_cfg, files_overrides, 
     assert losses == results["losses"]
     assert all("train/lr" in row for row in history if "train/loss" in row)
     assert summary["zh-lo/chrf++"] == results["metrics"]["zh-lo"]["chrf++"]
-    periodic = [row for row in history if "eval/zh-lo/chrf++" in row]
-    assert len(periodic) == 2  # at step 2 (train.eval_every) and at the end
+    periodic = [row for row in history if "validation/zh-lo/chrf++" in row]
+    assert len(periodic) == 1  # at step 2 (train.eval_every), on the held-out validation slice
+    assert periodic[0]["validation/zh-lo/chrf++"] == results["validation"]["zh-lo"]["chrf++"]
+    assert [row["test/zh-lo/chrf++"] for row in history if "test/zh-lo/chrf++" in row] == [results["metrics"]["zh-lo"]["chrf++"]]
+    assert any(row.get("samples/zh-lo/_type") == "table-file" for row in history)  # the samples table
     assert config["method"]["name"] == "lora" and config["name"] == "wandb-test"

@@ -146,3 +146,24 @@ def test_generation_survives_out_of_memory_by_halving_the_batch(make_cfg):
     model.generate = small_memory
     assert translate(model, tok, prompts, stop_ids, batch_size=8, max_new_tokens=3) == expected
     assert largest_fitting_batch(lambda b: b <= 48) == 32 and largest_fitting_batch(lambda b: False) == 1
+
+
+def test_a_scoring_failure_keeps_the_adapter_and_predictions(make_cfg, files_overrides, tmp_path, monkeypatch):
+    """Scoring comes last: when it fails, the trained adapter, the sources, hypotheses and references are on
+    disk and results.json says `failed` with the error."""
+    import json
+
+    from ladm.metrics import Scorer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("COMET checkpoint cannot be loaded")
+
+    monkeypatch.setattr(Scorer, "score", broken)
+    with pytest.raises(RuntimeError, match="cannot be loaded"):
+        run(make_cfg("method=lora", "train.max_steps=2", "eval.max_new_tokens=4", *files_overrides), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and "COMET checkpoint cannot be loaded" in results["error"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    lines = {ext: (tmp_path / "predictions" / f"zh-lo.{ext}").read_text(encoding="utf-8").splitlines()
+             for ext in ("src", "hyp", "ref")}
+    assert len(lines["src"]) == len(lines["hyp"]) == len(lines["ref"]) == 4
