@@ -47,7 +47,10 @@ class Tracker:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            try:
+                self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            except Exception as err:  # noqa: BLE001 - tracking must never stop a run
+                log.warning("W&B could not log %s: %s", key, err)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:

@@ -223,13 +223,13 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     results |= {"metrics": metrics, "signatures": next(iter(scored.values()))[1], "skipped": scorer.skipped,
                 "timings": {"total_s": time.perf_counter() - started, "train_s": train_stats.get("seconds", 0.0),
                             "eval_s": time.perf_counter() - eval_started}}
+    write_json_atomic(out_dir / "results.json", results)  # before anything that talks to W&B
     for name, hypotheses in outputs.items():
         rows = [[s, r, h] for s, r, h in zip(corpora["test"][name].src, corpora["test"][name].tgt, hypotheses,
                                              strict=True)][:cfg.eval.n_samples]
         tracker.table(f"samples/{name}", ["source", "reference", "hypothesis"], rows)
     tracker.summary({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
     tracker.finish()
-    write_json_atomic(out_dir / "results.json", results)
     dist.close()
     for name, m in metrics.items():
         log.info("%s %s %s: %s", cfg.model.name, cfg.method.name, name,
