@@ -217,6 +217,13 @@ def activation_disparity(r_hi: torch.Tensor, r_lo: torch.Tensor, normalisation: 
     raise ValueError(f"unknown sign '{sign}': hi_minus_lo | lo_minus_hi")
 
 
+def analysis_identity(cfg: DictConfig, pairs: list[str]) -> dict[str, Any]:
+    """What `analysis_examples` depends on: the probe knobs, the training length budget and every pair's files
+    (part of an analysis stage's cache key)."""
+    return {"probe": cfg.probe, "train": {k: cfg.train[k] for k in ("max_length", "length_coverage")},
+            "files": [pair_config(cfg, p).data[cfg.probe.split] for p in pairs]}
+
+
 def analysis_examples(cfg: DictConfig, pairs: list[str], fmt: SequenceFormat, context: int) -> dict[str, list[Example]]:
     """Each pair's probe examples, cut to the training length budget (the awareness stages' inputs)."""
     examples = {p: probe_examples(cfg, p, fmt) for p in pairs}

@@ -27,7 +27,7 @@ from torch import nn
 
 from ladm import LadmError
 from ladm.analysis.awareness import awareness_per_pair
-from ladm.analysis.relevance import analysis_examples, pair_relevance, top_layers
+from ladm.analysis.relevance import analysis_examples, analysis_identity, pair_relevance, top_layers
 from ladm.analysis.split import lambda_split, ratio_split
 from ladm.analysis.stage import cached_stage, stage_key
 from ladm.data import SequenceFormat
@@ -144,9 +144,8 @@ class LANDeRMT(Method):
     def identity(self) -> dict[str, Any]:
         """Everything that changes the layers and units (the analysis cache key)."""
         keys = ("pairs", "k_layers", "split", "lambda", "general_ratio", "partition", "units")
-        return {"model": self.cfg.model, "method": {k: self.cfg.method[k] for k in keys}, "probe": self.cfg.probe,
-                "train": {k: self.cfg.train[k] for k in ("max_length", "length_coverage")},
-                "files": [self.cfg.data.train], "k": self.k_layers}
+        return {"model": self.cfg.model, "method": {k: self.cfg.method[k] for k in keys}, "k": self.k_layers,
+                **analysis_identity(self.cfg, self.pairs)}
 
     def select_adapters(self, model: nn.Module, pair: str) -> None:
         select_pair(model, pair)

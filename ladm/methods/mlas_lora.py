@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 
 from ladm import LadmError
 from ladm.analysis.awareness import awareness_per_pair
-from ladm.analysis.relevance import analysis_examples, pair_relevance, top_layers
+from ladm.analysis.relevance import analysis_examples, analysis_identity, pair_relevance, top_layers
 from ladm.analysis.split import lambda_split, pick
 from ladm.analysis.stage import cached_stage, stage_key
 from ladm.data import SequenceFormat, pair_config
@@ -72,9 +72,7 @@ def stage_identity(cfg: DictConfig) -> dict[str, Any]:
     """Everything that changes the awareness stage's output (its cache key)."""
     keys = ("teacher", "pairs", "lambda", "layers", "target_modules", "phi_norm")
     return {"method": {k: cfg.method[k] for k in keys}, "rank": max(cfg.method.r_gen, cfg.method.r_spe),
-            "student": cfg.model, "seed": cfg.train.seed, "probe": cfg.probe,
-            "train": {k: cfg.train[k] for k in ("max_length", "length_coverage")},
-            "files": [pair_config(cfg, p).data[cfg.probe.split] for p in cfg.method.pairs]}
+            "student": cfg.model, "seed": cfg.train.seed, **analysis_identity(cfg, list(cfg.method.pairs))}
 
 
 def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
