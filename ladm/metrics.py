@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,32 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def spm_problem() -> str | None:
+    """Why the official spBLEU model cannot be used (None when it is in place, checked by sha256)."""
+    path = spm_model_path()
+    if not path.is_file():
+        return (f"the official FLORES-200 SentencePiece model is not at {path} "
+                f"(sha256 {OFFICIAL_SPM_SHA256[:12]}…, {OFFICIAL_SPM_BYTES:,} bytes)")
+    if (digest := _sha256(path)) != OFFICIAL_SPM_SHA256:
+        return (f"{path} is not the official FLORES-200 SentencePiece model "
+                f"(sha256 {digest[:12]}…, expected {OFFICIAL_SPM_SHA256[:12]}…)")
+    return None
+
+
+def fetch_spm() -> None:
+    """sacrebleu's own download of the `flores200` model (its URL, its cache path); an empty or partial file
+    left by a failed download is removed."""
+    from sacrebleu.tokenizers.tokenizer_spm import SPM_MODELS
+    from sacrebleu.utils import download_file
+
+    path = spm_model_path()
+    try:
+        download_file(SPM_MODELS["flores200"]["url"], str(path))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def comet_checkpoint(name_or_dir: str) -> Path | None:
     """The local COMET checkpoint for a directory, a .ckpt file or a cached hub name."""
     path = Path(name_or_dir).expanduser()
@@ -54,6 +81,90 @@ def comet_checkpoint(name_or_dir: str) -> Path | None:
         return None
 
 
+def comet_encoder(checkpoint: Path) -> str | None:
+    """The Hugging Face encoder (e.g. `xlm-roberta-large`) a COMET checkpoint loads its tokenizer and config
+    from (`pretrained_model` in the checkpoint's hparams.yaml); None without a readable hparams.yaml."""
+    import yaml
+
+    hparams = checkpoint.parents[1] / "hparams.yaml"
+    try:
+        return str(yaml.safe_load(hparams.read_text(encoding="utf-8"))["pretrained_model"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def load_encoder_files(encoder: str, local_files_only: bool) -> None:
+    """The encoder's tokenizer and config, as COMET loads them (downloaded unless `local_files_only`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    AutoConfig.from_pretrained(encoder, local_files_only=local_files_only)
+    AutoTokenizer.from_pretrained(encoder, local_files_only=local_files_only)
+
+
+def comet_problem(name: str) -> str | None:
+    """Why COMET `name` cannot be loaded offline: its checkpoint, or its encoder's tokenizer/config, is not here."""
+    checkpoint = comet_checkpoint(name)
+    if checkpoint is None:
+        return f"the COMET checkpoint '{name}' is not in the Hugging Face cache or a local folder"
+    encoder = comet_encoder(checkpoint)
+    if encoder is None:
+        return f"{checkpoint.parents[1]} has no hparams.yaml naming its encoder: it is not a COMET checkpoint folder"
+    try:
+        load_encoder_files(encoder, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not available offline"
+        return f"the tokenizer/config of '{encoder}', which COMET '{name}' loads, is not in the Hugging Face cache"
+    return None
+
+
+def fetch_comet(name: str) -> None:
+    """COMET's own `download_model` (the checkpoint), then its encoder's tokenizer and config."""
+    from comet import download_model
+
+    encoder = comet_encoder(Path(download_model(name)))
+    if encoder is not None:
+        load_encoder_files(encoder, local_files_only=False)
+
+
+def online() -> bool:
+    """False when the Hugging Face offline switch is set (then nothing is downloaded)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().upper() not in ("1", "ON", "YES", "TRUE")
+
+
+def metric_problems(eval_cfg: DictConfig) -> dict[str, str]:
+    """Per requested metric that needs a model (spbleu, comet), why it cannot be computed right now."""
+    problems = {"spbleu": spm_problem() if "spbleu" in eval_cfg.metrics else None,
+                "comet": comet_problem(eval_cfg.comet.model) if "comet" in eval_cfg.metrics else None}
+    return {metric: problem for metric, problem in problems.items() if problem}
+
+
+def fetch_missing(eval_cfg: DictConfig, problems: dict[str, str]) -> dict[str, str]:
+    """Let sacrebleu and COMET download what `problems` names; returns what is still missing afterwards
+    (with the download error, if one happened)."""
+    fetchers = {"spbleu": fetch_spm, "comet": lambda: fetch_comet(eval_cfg.comet.model)}
+    errors = {}
+    for metric in problems:
+        log.info("fetching the %s model ...", metric)
+        try:
+            fetchers[metric]()
+        except Exception as err:  # noqa: BLE001 - a failed download is reported with the rest
+            errors[metric] = f"{type(err).__name__}: {err}"
+    left = metric_problems(eval_cfg)
+    return {m: p + (f" (download failed: {errors[m]})" if m in errors else "") for m, p in left.items()}
+
+
+def asset_folders() -> str:
+    """The caches sacrebleu and COMET read their models from."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return f"{spm_model_path().parent} and {HF_HUB_CACHE}"
+
+
+def where_to_copy(eval_cfg: DictConfig) -> str:
+    """The fix for missing metric models, in one sentence."""
+    return (f"run `ladm-fetch-metrics eval.comet.model={eval_cfg.comet.model}` on a machine with network access "
+            f"and copy {asset_folders()} to the same places here (or point SACREBLEU and HF_HOME at copies)")
+
+
 @dataclass
 class Scorer:
     """Decides at start-up which metrics can be computed honestly, then scores hypotheses."""
@@ -66,37 +177,31 @@ class Scorer:
 
     @classmethod
     def preflight(cls, eval_cfg: DictConfig) -> Scorer:
-        """Check the spBLEU model and COMET checkpoint before any training (`eval.on_missing`)."""
+        """Before any training: check the spBLEU model (sha256) and the COMET checkpoint with its encoder files;
+        when online and `eval.fetch`, let sacrebleu and COMET download what is missing. Whatever is still
+        missing is reported in one message; `eval.on_missing` decides between stopping and null scores."""
         unknown = set(eval_cfg.metrics) - set(KNOWN_METRICS)
         if unknown:
             raise LadmError(f"unknown metric(s) {sorted(unknown)} in eval.metrics: choose from {list(KNOWN_METRICS)}")
         if eval_cfg.on_missing not in ("error", "skip"):
             raise LadmError(f"eval.on_missing must be 'error' or 'skip', got '{eval_cfg.on_missing}'")
-        scorer = cls(eval_cfg)
+        problems = metric_problems(eval_cfg)
+        if problems and eval_cfg.get("fetch", True) and online():
+            problems = fetch_missing(eval_cfg, problems)
+        if problems:
+            listed = "; ".join(f"{metric}: {problem}" for metric, problem in problems.items())
+            if eval_cfg.on_missing == "error":
+                raise LadmError(f"metric models missing ({listed}): {where_to_copy(eval_cfg)}; "
+                                f"or set eval.on_missing=skip to record {' and '.join(problems)} as null")
+            log.warning("metrics skipped (%s): %s", listed, where_to_copy(eval_cfg))
+        scorer = cls(eval_cfg, skipped=dict(problems))
         if "spbleu" in eval_cfg.metrics:
             path = spm_model_path()
-            if not path.is_file():
-                scorer.spm_status = "missing"
-                scorer._missing("spbleu", f"the official FLORES-200 SentencePiece model is not at {path}: put the "
-                                f"file there (sha256 {OFFICIAL_SPM_SHA256[:12]}…, {OFFICIAL_SPM_BYTES:,} bytes)")
-            elif _sha256(path) != OFFICIAL_SPM_SHA256:
-                scorer.spm_status = "unofficial"
-                scorer._missing("spbleu", f"{path} is not the official FLORES-200 SentencePiece model "
-                                f"(sha256 {_sha256(path)[:12]}…, expected {OFFICIAL_SPM_SHA256[:12]}…)")
-            else:
-                scorer.spm_status = "official"
-        if "comet" in eval_cfg.metrics:
+            scorer.spm_status = ("missing" if not path.is_file() else
+                                 "unofficial" if "spbleu" in problems else "official")
+        if "comet" in eval_cfg.metrics and "comet" not in problems:
             scorer.comet_ckpt = comet_checkpoint(eval_cfg.comet.model)
-            if scorer.comet_ckpt is None:
-                scorer._missing("comet", f"COMET checkpoint '{eval_cfg.comet.model}' is not available offline: "
-                                "download it (comet-score --model ...) or set eval.comet.model=/local/dir")
         return scorer
-
-    def _missing(self, metric: str, reason: str) -> None:
-        if self.eval_cfg.on_missing == "error":
-            raise LadmError(f"{reason}; or set eval.on_missing=skip to record {metric} as null")
-        log.warning("%s skipped: %s", metric, reason)
-        self.skipped[metric] = reason
 
     def score(self, sources: list[str], hypotheses: list[str], references: list[str],
               comet: bool = True) -> tuple[dict, dict]:

@@ -103,7 +103,7 @@ COMMON: dict[str, Rule] = {
     "eval.max_new_tokens": Rule("int", low=1, auto=True), "eval.length_margin": Rule("float", low=1),
     "eval.num_beams": INT_POS, "eval.n_samples": INT_NONNEG, "eval.on_missing": Rule("str", choices=("error", "skip")),
     "eval.metrics": Rule("list", choices=("chrf++", "spbleu", "comet"), nonempty=True),
-    "eval.comet.model": STR, "eval.comet.batch_size": INT_POS,
+    "eval.fetch": BOOL, "eval.comet.model": STR, "eval.comet.batch_size": INT_POS,
     "logger.name": Rule("str", choices=("wandb", "none")),
     "logger.mode": Rule("str", choices=("offline", "online", "disabled")),
     "probe.reference_pair": STR, "probe.split": Rule("str", choices=("train", "test")),

@@ -84,7 +84,7 @@ def test_missing_spm_model_stops_before_training_by_default(monkeypatch, tmp_pat
     from sacrebleu.tokenizers import tokenizer_spm
 
     monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path))
-    with pytest.raises(LadmError, match="flores200sacrebleuspm: put the file there"):
+    with pytest.raises(LadmError, match="flores200sacrebleuspm .*ladm-fetch-metrics"):
         Scorer.preflight(eval_cfg(metrics=["spbleu"]))
     scorer = Scorer.preflight(eval_cfg(metrics=["spbleu"], on_missing="skip"))
     scores, signatures = scorer.score(SRC, HYP, REF)
@@ -139,7 +139,7 @@ def test_comet_loads_once_and_scores_every_pair_in_one_call(tiny_comet, monkeypa
 
 
 def test_missing_comet_checkpoint(tmp_path):
-    with pytest.raises(LadmError, match="not available offline"):
+    with pytest.raises(LadmError, match="COMET checkpoint 'Unbabel/not-a-cached-model' is not in the Hugging Face cache"):
         Scorer.preflight(eval_cfg(metrics=["comet"], comet={"model": "Unbabel/not-a-cached-model"}))
     scorer = Scorer.preflight(eval_cfg(metrics=["comet"], on_missing="skip", comet={"model": str(tmp_path)}))
     assert scorer.score(SRC, HYP, REF)[0] == {"comet": None} and "comet" in scorer.skipped
@@ -165,3 +165,91 @@ def test_target_script_ratio_counts_letters_of_the_target_script():
     assert target_script_ratio(["ສະບາຍດີ hello"], "lo") == pytest.approx(7 / 12)  # 7 Lao code points, 5 Latin
     assert target_script_ratio(["你好"], "lo") == 0.0 and target_script_ratio(["xin chào"], "vi") is None
     assert target_script_ratio(["မင်္ဂလာပါ"], "my") == 1.0 and target_script_ratio(["សួស្តី"], "km") == 1.0
+
+
+@pytest.fixture
+def fake_hub(tiny_comet, standin_spm, tmp_path, monkeypatch):
+    """An 'online' machine without network: sacrebleu's download copies the stand-in SentencePiece model, the
+    hub serves the tiny COMET checkpoint once it has been downloaded (local_files_only fails before)."""
+    import comet.models
+    import huggingface_hub
+    import sacrebleu.utils
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path / "sacrebleu"))
+    downloads, cached = [], set()
+
+    def download_file(url, dest):
+        downloads.append(url)
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        Path(dest).write_bytes((standin_spm / "models" / "flores200sacrebleuspm").read_bytes())
+
+    def snapshot_download(repo_id, local_files_only=False, **_):
+        if repo_id != "Unbabel/tiny-comet" or (local_files_only and repo_id not in cached):
+            raise FileNotFoundError(f"{repo_id} is not cached")
+        if not local_files_only:
+            downloads.append(repo_id)
+            cached.add(repo_id)
+        return str(tiny_comet[0])
+
+    monkeypatch.setattr(sacrebleu.utils, "download_file", download_file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(comet.models, "snapshot_download", snapshot_download)
+    return downloads
+
+
+def test_online_preflight_lets_sacrebleu_and_comet_fetch_then_checks_the_checksum(fake_hub, tiny_comet, monkeypatch):
+    cfg = eval_cfg(metrics=["chrf++", "spbleu", "comet"], comet={"model": "Unbabel/tiny-comet"})
+    with pytest.raises(LadmError, match="is not the official FLORES-200") as caught:  # the 'download' is the stand-in
+        Scorer.preflight(cfg)
+    assert "comet" not in str(caught.value).split("):")[0] and fake_hub[0].startswith("https://")
+    assert "Unbabel/tiny-comet" in fake_hub
+    fake_hub.clear()
+    # A file with the official checksum earns the label; nothing is downloaded twice.
+    monkeypatch.setattr(ladm_metrics, "OFFICIAL_SPM_SHA256", ladm_metrics._sha256(ladm_metrics.spm_model_path()))
+    scorer = Scorer.preflight(cfg)
+    assert fake_hub == [] and scorer.skipped == {}
+    scores, _ = scorer.score(SRC, HYP, REF)
+    assert scores["spbleu"] == pytest.approx(BLEU(tokenize="flores200").corpus_score(HYP, [REF]).score)
+    assert isinstance(scores["comet"], float)
+
+
+def test_offline_preflight_lists_every_missing_asset_in_one_message(tmp_path, monkeypatch, tiny_comet):
+    """Offline nothing is fetched; the spBLEU model and the COMET encoder's tokenizer (xlm-roberta-large, not
+    cached) are named together, with the one command that fetches them."""
+    import shutil
+
+    import yaml
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path / "sacrebleu"))
+    checkpoint_dir = tmp_path / "comet-needs-xlmr"
+    shutil.copytree(tiny_comet[0], checkpoint_dir)
+    hparams = yaml.safe_load((checkpoint_dir / "hparams.yaml").read_text())
+    (checkpoint_dir / "hparams.yaml").write_text(yaml.safe_dump(hparams | {"pretrained_model": "xlm-roberta-large"}))
+    cfg = eval_cfg(metrics=["spbleu", "comet"], comet={"model": str(checkpoint_dir)})
+    with pytest.raises(LadmError) as caught:
+        Scorer.preflight(cfg)
+    message = str(caught.value)
+    assert "\n" not in message and "flores200sacrebleuspm" in message and "'xlm-roberta-large'" in message
+    assert "ladm-fetch-metrics" in message and "eval.on_missing=skip" in message
+    scorer = Scorer.preflight(OmegaConf.merge(cfg, {"on_missing": "skip"}))
+    assert set(scorer.skipped) == {"spbleu", "comet"} and scorer.score(SRC, HYP, REF)[0] == {"spbleu": None, "comet": None}
+
+
+def test_fetch_metrics_command(fake_hub, monkeypatch, capsys):
+    from ladm.fetch_metrics import main
+
+    with pytest.raises(SystemExit) as bad:
+        main(["comet=Unbabel/tiny-comet"])
+    assert bad.value.code == 2 and "eval.<key>=<value>" in capsys.readouterr().err
+    monkeypatch.setattr(ladm_metrics, "OFFICIAL_SPM_SHA256", ladm_metrics._sha256(
+        REPO_ROOT / "tests" / "assets" / "llama3" / "tokenizer.json"))  # no download can match: exit 1
+    with pytest.raises(SystemExit) as failed:
+        main(["eval.comet.model=Unbabel/tiny-comet"])
+    assert failed.value.code == 1 and "spbleu: " in capsys.readouterr().err
+    monkeypatch.setattr(ladm_metrics, "OFFICIAL_SPM_SHA256", ladm_metrics._sha256(ladm_metrics.spm_model_path()))
+    main(["eval.comet.model=Unbabel/tiny-comet"])
+    out = capsys.readouterr().out
+    assert "official FLORES-200 SentencePiece model at" in out and "model.ckpt" in out and "copy" in out
