@@ -101,7 +101,47 @@ def read_split(split: DictConfig) -> ParallelCorpus:
         return ParallelCorpus([r[0] for r in rows], [r[1] for r in rows])
     if fmt == "jsonl":
         return _json_records(split.path, split.get("src_key", "src"), split.get("tgt_key", "tgt"))
-    raise LadmError(f"unknown data format '{fmt}': use text, tsv or jsonl")
+    if fmt == "tmx":
+        return _pivot_memories(Path(split.root), split.src_lang, split.tgt_lang, split.get("pivot", "en"))
+    raise LadmError(f"unknown data format '{fmt}': use text, tsv, jsonl or tmx")
+
+
+def _tmx_segments(path: Path, lang: str) -> dict[str, str]:
+    """tuid → the `lang` segment of every translation unit of a TMX file (plain or zipped)."""
+    import xml.etree.ElementTree as ET
+    import zipfile
+
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            raw = archive.read(next(n for n in archive.namelist() if n.endswith(".tmx")))
+    else:
+        raw = path.read_bytes()
+    lang_key = "{http://www.w3.org/XML/1998/namespace}lang"
+    segments = {}
+    for unit in ET.fromstring(raw).iter("tu"):
+        for variant in unit.iter("tuv"):
+            if variant.get(lang_key, variant.get("lang")) == lang:
+                segments[unit.get("tuid")] = " ".join("".join(variant.find("seg").itertext()).split())
+    return segments
+
+
+def _pivot_memories(root: Path, src: str, tgt: str, pivot: str) -> ParallelCorpus:
+    """A src→tgt corpus from pivot-language translation memories `<root>/all.<pivot>-<lang>.tmx[.zip]` (TICO-19's
+    layout), aligned by translation-unit id in the order of the first memory."""
+    def memory(lang: str) -> Path:
+        other = tgt if lang == pivot else lang
+        found = [path for ext in (".zip", "") if (path := root / f"all.{pivot}-{other}.tmx{ext}").is_file()]
+        if not found:
+            have = sorted(p.name.split(".")[1].split("-")[-1] for p in root.glob(f"all.{pivot}-*.tmx*"))
+            raise LadmError(f"{root} has no translation memory for '{other}' (all.{pivot}-{other}.tmx.zip); it covers "
+                            f"{', '.join([pivot, *have]) or 'nothing'}: choose another test set for this pair")
+        return found[0]
+
+    sides = [_tmx_segments(memory(lang), lang) for lang in (src, tgt)]
+    ids = [tuid for tuid in sides[0] if tuid in sides[1] and sides[0][tuid] and sides[1][tuid]]
+    if not ids:
+        raise LadmError(f"the {src} and {tgt} memories under {root} share no translation units")
+    return ParallelCorpus([sides[0][i] for i in ids], [sides[1][i] for i in ids])
 
 
 def hold_out(corpus: ParallelCorpus, size: int, seed: int) -> tuple[ParallelCorpus, ParallelCorpus]:
@@ -126,6 +166,26 @@ def pair_config(cfg: DictConfig, name: str) -> DictConfig:
     OmegaConf.set_struct(copy, False)
     copy.pair = OmegaConf.load(path)
     return copy
+
+
+def test_set_configs(pair_cfg: DictConfig) -> list[DictConfig]:
+    """The test splits a run evaluates for one pair: `data.test` when `eval.test_sets` is null, otherwise each
+    named conf/test_set/<name>.yaml, resolved against this pair."""
+    if pair_cfg.eval.get("test_sets") is None:
+        return [pair_cfg.data.test]
+    folder = CONFIG_DIR / "test_set"
+    available = sorted(p.stem for p in folder.glob("*.yaml"))
+    splits = []
+    for name in pair_cfg.eval.test_sets:
+        if name not in available:
+            raise LadmError(f"unknown test set '{name}' in eval.test_sets: choose from {', '.join(available)}")
+        with_set = pair_cfg.copy()
+        OmegaConf.set_struct(with_set, False)
+        with_set.test_set = OmegaConf.load(folder / f"{name}.yaml")
+        splits.append(with_set.test_set)
+    if len({split.name for split in splits}) < len(splits):
+        raise LadmError(f"eval.test_sets names a test set twice: {list(pair_cfg.eval.test_sets)}")
+    return splits
 
 
 def render_prompt(src: str, pair_cfg: DictConfig) -> str:

@@ -112,7 +112,7 @@ def label_rows(jobs: list[Job]) -> None:
 
 
 def read_predictions(job: Job, pair: str, ext: str) -> list[str]:
-    path = job.path / "predictions" / f"{pair}.{ext}"
+    path = job.path / "predictions" / job.results["test_set"] / f"{pair}.{ext}"
     if not path.is_file():
         raise LadmError(f"{path} is missing: the significance test needs the saved predictions; re-run that job")
     return path.read_text(encoding="utf-8").splitlines()

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from transformers import SchedulerType
 
-from ladm import LadmError
+from ladm import CONFIG_DIR, LadmError
 
 AUTO = "auto"
 
@@ -87,7 +87,8 @@ FLOAT_POS, FLOAT_NONNEG = Rule("float", low=0, low_open=True), Rule("float", low
 UNIT = Rule("float", low=0, high=1)
 STR, BOOL = Rule("str"), Rule("bool")
 SCHEDULERS = tuple(s.value for s in SchedulerType)
-SPLIT = {"format": Rule("str", choices=("text", "tsv", "jsonl"))}
+SPLIT = {"format": Rule("str", choices=("text", "tsv", "jsonl", "tmx"))}
+TEST_SETS = tuple(sorted(p.stem for p in (CONFIG_DIR / "test_set").glob("*.yaml")))
 
 COMMON: dict[str, Rule] = {
     "name": STR, "force": BOOL, "cache_dir": STR,
@@ -103,7 +104,8 @@ COMMON: dict[str, Rule] = {
     "eval.max_new_tokens": Rule("int", low=1, auto=True), "eval.length_margin": Rule("float", low=1),
     "eval.num_beams": INT_POS, "eval.n_samples": INT_NONNEG, "eval.on_missing": Rule("str", choices=("error", "skip")),
     "eval.metrics": Rule("list", choices=("chrf++", "spbleu", "comet"), nonempty=True),
-    "eval.fetch": BOOL, "eval.comet.model": STR, "eval.comet.batch_size": INT_POS,
+    "eval.fetch": BOOL, "eval.test_sets": Rule("list", choices=TEST_SETS, nullable=True, nonempty=True),
+    "eval.comet.model": STR, "eval.comet.batch_size": INT_POS,
     "logger.name": Rule("str", choices=("wandb", "none")),
     "logger.mode": Rule("str", choices=("offline", "online", "disabled")),
     "probe.reference_pair": STR, "probe.split": Rule("str", choices=("train", "test")),

@@ -10,7 +10,6 @@ import json
 import logging
 import platform
 import time
-import traceback
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,10 +21,10 @@ from ladm.checkpoint import RunFolderLock, config_differences, load_latest, set_
 from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, hold_out, pair_config, read_split, share, truncate
 from ladm.distributed import DistEnv
-from ladm.files import write_json_atomic, write_lines_atomic
-from ladm.generation import eval_batch_size, translate
+from ladm.evaluation import EvalSet, Evaluator, read_test_sets, record_test_results, score
+from ladm.generation import eval_batch_size
 from ladm.methods import build_method
-from ladm.metrics import Scorer, target_script_ratio
+from ladm.metrics import Scorer
 from ladm.models import check_model_path, context_length, load_model, load_tokenizer
 from ladm.schema import training_identity, validate
 from ladm.tracking import Tracker
@@ -94,19 +93,19 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
     held_out = {name: hold_out(read_split(c.data.train), cfg.data.validation_size, seed=0) for name, c in pair_cfgs.items()}
     train_corpora = {name: train.head(cfg.data.max_train_samples) for name, (train, _) in held_out.items()}
-    corpora = {"validation": {name: valid for name, (_, valid) in held_out.items()},
-               "test": {name: read_split(c.data.test).head(cfg.eval.max_samples) for name, c in pair_cfgs.items()}}
+    validation = EvalSet("validation", {name: valid for name, (_, valid) in held_out.items()}, is_test=False)
+    test_sets = read_test_sets(pair_cfgs, cfg.eval.max_samples)
     scorer = Scorer.preflight(cfg.eval)
     resume = resume_state(cfg, out_dir, dist, method.trains)
 
     tokenizer = load_tokenizer(cfg.model)
     fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
     train_examples = {name: fmt.encode(train_corpora[name], c.pair) for name, c in pair_cfgs.items()}
-    prompts = {split: {name: fmt.prompt_ids(by_pair[name].src, c.pair) for name, c in pair_cfgs.items()}
-               for split, by_pair in corpora.items()}
-    test_prompts = prompts["test"]
+    for eval_set in (validation, *test_sets):
+        eval_set.prompts = {name: fmt.prompt_ids(corpus.src, pair_cfgs[name].pair) for name, corpus in eval_set.corpora.items()}
+    all_test_prompts = {name: [p for s in test_sets for p in s.prompts[name]] for name in pair_cfgs}
     budgets = LengthBudgets.choose(cfg.train.max_length, cfg.train.length_coverage, cfg.eval.max_new_tokens,
-                                   cfg.eval.length_margin, context_length(cfg.model), train_examples, test_prompts)
+                                   cfg.eval.length_margin, context_length(cfg.model), train_examples, all_test_prompts)
     log.info("length budgets: train.max_length=%d, eval.max_new_tokens=%s", budgets.max_length, budgets.max_new_tokens)
 
     set_seed(cfg.train.seed)  # adapter initialisation is seeded too
@@ -116,59 +115,23 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings, trainable adapters: keep the graph alive
-    longest = max(len(p) + budgets.max_new_tokens[name] for name, prompts in test_prompts.items() for p in prompts)
+    longest = max(len(p) + budgets.max_new_tokens[name] for name, prompts in all_test_prompts.items() for p in prompts)
     batch_size = eval_batch_size(cfg.eval.batch_size, model, longest, dist.device,
                                  Path(cfg.cache_dir) / "eval_batch_size.json", cfg.model.name)
     tracker = Tracker(cfg, out_dir, dist.is_main, resume_id=resume["wandb_id"] if resume else None)
     tracker.config({"method_details": method.describe()})
-
-    hit_budget: dict[str, dict] = {}
-    validation: dict[str, dict] = {}
-
-    def generate(split: str) -> dict[str, list[str]]:
-        """Per pair, with that pair's adapters, every rank translates its share; rank 0 gets the whole."""
-        outputs = {}
-        for name in pair_cfgs:
-            method.select_adapters(model, name)
-            split_prompts = prompts[split][name]
-            shard = translate(model, tokenizer, split_prompts[dist.rank::dist.world_size], stop_ids, batch_size,
-                              budgets.max_new_tokens[name], cfg.eval.num_beams, desc=f"generate {name} ({split})")
-            hypotheses, hit = [""] * len(split_prompts), [False] * len(split_prompts)
-            for rank, part in enumerate(dist.gather(shard)):
-                hypotheses[rank::dist.world_size], hit[rank::dist.world_size] = part.hypotheses, part.hit_budget
-            outputs[name] = hypotheses
-            if dist.is_main and split == "test":
-                hit_budget[name] = share(hit)
-                if hit_budget[name]["count"]:
-                    log.warning("%s: %.1f%% of hypotheses ran to eval.max_new_tokens=%d without ending", name,
-                                100 * hit_budget[name]["share"], budgets.max_new_tokens[name])
-                for ext, lines in (("src", corpora[split][name].src), ("hyp", hypotheses), ("ref", corpora[split][name].tgt)):
-                    write_lines_atomic(out_dir / "predictions" / f"{name}.{ext}", lines)  # before any scoring
-        return outputs
-
-    def score(split: str, outputs: dict[str, list[str]], step: int) -> dict[str, tuple[dict, dict]]:
-        """Corpus metrics and signatures per pair (COMET on the test set only, every pair in one call)."""
-        scored = {}
-        for name, hypotheses in outputs.items():
-            corpus = corpora[split][name]
-            metrics, signatures = scorer.score(corpus.src, hypotheses, corpus.tgt, comet=False)
-            scored[name] = (metrics | {"target_script_ratio": target_script_ratio(hypotheses, pair_cfgs[name].pair.tgt.code)},
-                            signatures)
-        if split == "test" and "comet" in cfg.eval.metrics:
-            comet = scorer.comet_by_pair({name: (corpora[split][name].src, hyps, corpora[split][name].tgt)
-                                          for name, hyps in outputs.items()})
-            for name, value in comet.items():
-                scored[name][0]["comet"] = value
-        for name, (metrics, _) in scored.items():
-            tracker.log({f"{split}/{name}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
-        return scored
+    evaluator = Evaluator(model, tokenizer, lambda pair: method.select_adapters(model, pair), stop_ids, batch_size,
+                          budgets.max_new_tokens, cfg.eval.num_beams, dist, out_dir)
+    targets = {name: c.pair.tgt.code for name, c in pair_cfgs.items()}
+    validation_scores: dict[str, dict] = {}
 
     def evaluate_validation(step: int) -> None:
-        """`train.eval_every`: the held-out validation slice, never the test set."""
-        if all(len(c) for c in corpora["validation"].values()):
-            outputs = generate("validation")
+        """`train.eval_every`: the held-out validation slice, never a test set."""
+        if all(len(c) for c in validation.corpora.values()):
+            outputs = evaluator.translate(validation)
             if dist.is_main:
-                validation.update({name: metrics for name, (metrics, _) in score("validation", outputs, step).items()})
+                scored = score(scorer, validation, outputs, targets, tracker, step)
+                validation_scores.update({name: metrics for name, (metrics, _) in scored.items()})
         else:
             log.warning("no validation sentences (data.validation_size=0 or a tiny corpus): skipping evaluation at step %d", step)
 
@@ -189,7 +152,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
             method.save(model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
 
     eval_started = time.perf_counter()
-    outputs = generate("test")
+    outputs = {eval_set.name: evaluator.translate(eval_set) for eval_set in test_sets}
     if not dist.is_main:
         dist.close()
         return {}
@@ -198,42 +161,22 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         "name": cfg.name,
         "model": cfg.model.name,
         "method": cfg.method.name,
+        "evaluated": {"kind": "trained" if method.trains else "base_model"},
         "pairs": list(pair_cfgs),
-        "test_set": cfg.data.test.name,
-        "n_test": {name: len(corpus) for name, corpus in corpora["test"].items()},
-        "n_validation": {name: len(corpus) for name, corpus in corpora["validation"].items()},
+        "n_validation": {name: len(corpus) for name, corpus in validation.corpora.items()},
         "method_details": method.describe(),
         "world_size": dist.world_size,
         "train": {k: v for k, v in train_stats.items() if k != "losses"},
         "max_new_tokens": budgets.max_new_tokens,
         "truncated_train": truncated_train,
-        "hit_generation_budget": hit_budget,
-        "validation": validation,
+        "validation": validation_scores,
         "versions": {name: version(name) for name in VERSIONED} | {"python": platform.python_version()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    try:
-        scored = score("test", outputs, cfg.train.max_steps)
-    except Exception as err:
-        write_json_atomic(out_dir / "results.json", results | {
-            "status": "failed", "error": f"scoring failed: {type(err).__name__}: {err}",
-            "traceback": traceback.format_exc()})  # the adapter and the predictions are on disk
-        raise
-    metrics = {name: m for name, (m, _) in scored.items()}
-    results |= {"metrics": metrics, "signatures": next(iter(scored.values()))[1], "skipped": scorer.skipped,
-                "timings": {"total_s": time.perf_counter() - started, "train_s": train_stats.get("seconds", 0.0),
-                            "eval_s": time.perf_counter() - eval_started}}
-    write_json_atomic(out_dir / "results.json", results)  # before anything that talks to W&B
-    for name, hypotheses in outputs.items():
-        rows = [[s, r, h] for s, r, h in zip(corpora["test"][name].src, corpora["test"][name].tgt, hypotheses,
-                                             strict=True)][:cfg.eval.n_samples]
-        tracker.table(f"samples/{name}", ["source", "reference", "hypothesis"], rows)
-    tracker.summary({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
+    results = record_test_results(results, out_dir, scorer, evaluator, test_sets, outputs, targets, tracker,
+                                  cfg.train.max_steps, cfg.eval.n_samples, started, eval_started)
     tracker.finish()
     dist.close()
-    for name, m in metrics.items():
-        log.info("%s %s %s: %s", cfg.model.name, cfg.method.name, name,
-                 ", ".join(f"{k}={v:.2f}" for k, v in m.items() if v is not None))
     return results | {"losses": train_stats.get("losses", [])}
 
 

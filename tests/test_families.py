@@ -179,7 +179,7 @@ def test_every_method_on_every_family_with_chat_template(make_cfg, files_overrid
         assert results["truncated_train"][pair]["of"] == 8
         assert results["hit_generation_budget"][pair]["of"] == 2
         assert results["max_new_tokens"][pair] >= 1
-        assert len((tmp_path / "predictions" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 2
+        assert len((tmp_path / "predictions" / "files" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 2
     assert results["train"]["max_length"] >= 1
     if method == "ladm":
         assert len(results["method_details"]["delta_r"]) == 4

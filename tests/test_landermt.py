@@ -149,5 +149,5 @@ def test_saved_state_reloads_to_the_same_hypotheses(make_cfg, files_overrides, t
         pair_cfg = pair_config(cfg, pair)
         prompts = fmt.prompt_ids(read_split(pair_cfg.data.test).head(2).src, pair_cfg.pair)
         hypotheses = translate(model, tokenizer, prompts, fmt.stop_ids(model.generation_config), 2, 6).hypotheses
-        saved = (tmp_path / "predictions" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()
+        saved = (tmp_path / "predictions" / "files" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()
         assert hypotheses == saved

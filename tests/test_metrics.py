@@ -151,8 +151,8 @@ def test_run_records_all_three_metrics_honestly(make_cfg, files_overrides, sacre
     run(cfg, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     scores = results["metrics"]["zh-lo"]
-    hyps = (tmp_path / "predictions" / "zh-lo.hyp").read_text(encoding="utf-8").splitlines()
-    refs = (tmp_path / "predictions" / "zh-lo.ref").read_text(encoding="utf-8").splitlines()
+    hyps = (tmp_path / "predictions" / "files" / "zh-lo.hyp").read_text(encoding="utf-8").splitlines()
+    refs = (tmp_path / "predictions" / "files" / "zh-lo.ref").read_text(encoding="utf-8").splitlines()
     assert scores["chrf++"] == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score)
     assert scores["spbleu"] is None and "bleu_spm_unofficial" in scores and "spbleu" in results["skipped"]
     assert isinstance(scores["comet"], float)

@@ -180,7 +180,7 @@ def test_end_to_end_two_pairs_each_with_its_own_adapters(make_cfg, tmp_path):
                            "data.max_train_samples=16", "eval.max_samples=3", "eval.max_new_tokens=6"), tmp_path)
     assert results["pairs"] == ["zh-lo", "zh-km"] and set(results["metrics"]) == {"zh-lo", "zh-km"}
     for pair in ("zh-lo", "zh-km"):
-        assert len((tmp_path / "predictions" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 3
+        assert len((tmp_path / "predictions" / "flores200-devtest" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 3
     assert len(results["method_details"]["teacher_layers"]) == 4
     cfg = make_cfg()
     tokenizer = load_tokenizer(cfg.model)

@@ -21,8 +21,8 @@ POOR = [f"dog {i}" for i in range(40)]  # far from them
 
 def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-devtest", status="complete"):
     job = root / name
-    write_lines_atomic(job / "predictions" / f"{pair}.hyp", hyps)
-    write_lines_atomic(job / "predictions" / f"{pair}.ref", REFS)
+    write_lines_atomic(job / "predictions" / test_set / f"{pair}.hyp", hyps)
+    write_lines_atomic(job / "predictions" / test_set / f"{pair}.ref", REFS)
     config = {"name": "synthetic", "model": {"name": "tiny-llama3"}, "method": {"name": method}, "pair": {"name": pair},
               "logger": {"name": "none", "mode": "disabled"}}
     details = {}
@@ -108,8 +108,8 @@ def test_report_on_a_real_tiny_sweep(tmp_path, cache_dir, files_overrides):
     (lambda job: (job / "results.json").write_text('{"status": "compl'), "is not valid JSON"),
     (lambda job: (job / "results.json").write_text("[1, 2]"), "holds a JSON list"),
     (lambda job: (job / "results.json").write_text('{"status": "complete", "metrics": {}}'), "lacks model, method"),
-    (lambda job: (job / "predictions" / "zh-lo.hyp").unlink(), "zh-lo.hyp is missing"),
-    (lambda job: (job / "predictions" / "zh-lo.hyp").write_text("only one line\n"), "has 1 hypotheses"),
+    (lambda job: (job / "predictions" / "flores200-devtest" / "zh-lo.hyp").unlink(), "zh-lo.hyp is missing"),
+    (lambda job: (job / "predictions" / "flores200-devtest" / "zh-lo.hyp").write_text("only one line\n"), "has 1 hypotheses"),
 ])
 def test_damaged_sweeps_are_one_line(sweep, damage, message):
     from ladm import LadmError

@@ -58,7 +58,7 @@ def test_two_gloo_ranks_equal_one_process(make_cfg, files_overrides, tmp_path, c
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["world_size"] == 2
     for pair in results["pairs"]:
-        assert len((tmp_path / "two" / "predictions" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 1
+        assert len((tmp_path / "two" / "predictions" / "files" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()) == 1
     if method == "ladm":
         assert results["method_details"]["multipliers"] == json.loads(
             (tmp_path / "one" / "results.json").read_text())["method_details"]["multipliers"]

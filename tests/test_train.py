@@ -28,8 +28,8 @@ def test_lora_loss_falls_and_adapter_reloads_with_same_generations(make_cfg, fil
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["status"] == "complete" and written["method"] == "lora"
     assert set(written["versions"]) >= {"torch", "transformers", "peft", "sacrebleu"}
-    hyps = (tmp_path / "predictions" / "zh-lo.hyp").read_text(encoding="utf-8").splitlines()
-    refs = (tmp_path / "predictions" / "zh-lo.ref").read_text(encoding="utf-8").splitlines()
+    hyps = (tmp_path / "predictions" / "files" / "zh-lo.hyp").read_text(encoding="utf-8").splitlines()
+    refs = (tmp_path / "predictions" / "files" / "zh-lo.ref").read_text(encoding="utf-8").splitlines()
     assert len(hyps) == len(refs) == 4
 
     # A fresh base model + the saved adapter, loaded by PEFT itself, generates the same text.
@@ -59,7 +59,7 @@ def test_cli_tiny_qwen2_zh_km_lora(tmp_path, cache_dir):
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "tiny-qwen2.5" and results["pairs"] == ["zh-km"]
     assert results["metrics"]["zh-km"]["spbleu"] is None and "spbleu" in results["skipped"]
-    assert (out / "predictions" / "zh-km.hyp").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "predictions" / "flores200-devtest" / "zh-km.hyp").is_file() and (out / "adapter" / "adapter_config.json").is_file()
 
 
 def test_tiny_gemma2_trains(make_cfg, files_overrides, tmp_path):
@@ -164,6 +164,6 @@ def test_a_scoring_failure_keeps_the_adapter_and_predictions(make_cfg, files_ove
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "failed" and "COMET checkpoint cannot be loaded" in results["error"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    lines = {ext: (tmp_path / "predictions" / f"zh-lo.{ext}").read_text(encoding="utf-8").splitlines()
+    lines = {ext: (tmp_path / "predictions" / "files" / f"zh-lo.{ext}").read_text(encoding="utf-8").splitlines()
              for ext in ("src", "hyp", "ref")}
     assert len(lines["src"]) == len(lines["hyp"]) == len(lines["ref"]) == 4

@@ -1,0 +1,176 @@
+"""Translate and score evaluation sets (METHODS.md §5), for `ladm-train` (the validation slice during training,
+the test sets at the end) and `ladm-eval` (any saved model).
+
+Nothing computed is lost: each test set's sources, hypotheses and references are written to
+`predictions/<test set>/<pair>.{src,hyp,ref}` right after generation (with the decoding settings in
+`<pair>.json`); results.json is written right after scoring, or with `status: failed` and the error if scoring
+fails. Saved hypotheses for the same sentences and decoding settings are scored again without generating.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ladm.data import ParallelCorpus, read_split, share, test_set_configs
+from ladm.distributed import DistEnv
+from ladm.files import write_json_atomic, write_lines_atomic
+from ladm.generation import translate
+from ladm.metrics import Scorer, target_script_ratio
+from ladm.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    """One evaluated set: per pair, its sentences and tokenised prompts."""
+
+    name: str  # "validation", or a test set's name (flores200-devtest, ntrex128, tico19, files, ...)
+    corpora: dict[str, ParallelCorpus]
+    prompts: dict[str, list[list[int]]] = field(default_factory=dict)
+    is_test: bool = True  # test sets are saved under predictions/ and scored with COMET
+
+
+def read_test_sets(pair_cfgs: dict[str, DictConfig], max_samples: int | None) -> list[EvalSet]:
+    """Every test set of `eval.test_sets` (or `data.test`) for every pair, read and checked before any model loads."""
+    by_name: dict[str, dict[str, ParallelCorpus]] = {}
+    for pair, pair_cfg in pair_cfgs.items():
+        for split in test_set_configs(pair_cfg):
+            by_name.setdefault(split.name, {})[pair] = read_split(split).head(max_samples)
+    return [EvalSet(name, corpora) for name, corpora in by_name.items()]
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").removesuffix("\n").split("\n")
+
+
+@dataclass
+class Evaluator:
+    """Generates with one model, pair by pair (`select` activates a pair's adapters); rank 0 gets every output."""
+
+    model: Any
+    tokenizer: Any
+    select: Callable[[str], None]
+    stop_ids: list[int]
+    batch_size: int
+    max_new_tokens: dict[str, int]
+    num_beams: int
+    dist: DistEnv
+    out_dir: Path
+    reuse_from: tuple[Path, ...] = ()  # folders whose saved predictions (of this very model) may be scored again
+    hit_budget: dict[str, dict[str, dict]] = field(default_factory=dict)  # test set → pair → share
+
+    def decoding(self, pair: str) -> dict[str, int]:
+        return {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens[pair]}
+
+    def saved(self, eval_set: EvalSet, pair: str) -> tuple[list[str], dict] | None:
+        """Hypotheses saved earlier for exactly these sources, references and decoding settings."""
+        corpus = eval_set.corpora[pair]
+        for root in (self.out_dir, *self.reuse_from):
+            folder = root / "predictions" / eval_set.name
+            try:
+                meta = json.loads((folder / f"{pair}.json").read_text(encoding="utf-8"))
+                src, ref, hyp = (_read_lines(folder / f"{pair}.{ext}") for ext in ("src", "ref", "hyp"))
+            except (OSError, ValueError):
+                continue
+            if (src, ref, len(hyp), meta.get("decoding")) == (corpus.src, corpus.tgt, len(src), self.decoding(pair)):
+                return hyp, meta["hit_generation_budget"]
+        return None
+
+    def translate(self, eval_set: EvalSet) -> dict[str, list[str]]:
+        """Per pair, every rank translates its share with that pair's adapters; test sets are saved at once."""
+        outputs = {}
+        for pair, prompts in eval_set.prompts.items():
+            found = self.dist.broadcast(self.saved(eval_set, pair) if eval_set.is_test and self.dist.is_main else None)
+            if found is not None:
+                log.info("%s %s: scoring the saved hypotheses (same sentences and decoding), not generating again",
+                         eval_set.name, pair)
+                outputs[pair], hit_share = found
+            else:
+                self.select(pair)
+                shard = translate(self.model, self.tokenizer, prompts[self.dist.rank::self.dist.world_size],
+                                  self.stop_ids, self.batch_size, self.max_new_tokens[pair], self.num_beams,
+                                  desc=f"generate {pair} ({eval_set.name})")
+                hypotheses, hit = [""] * len(prompts), [False] * len(prompts)
+                for rank, part in enumerate(self.dist.gather(shard)):
+                    hypotheses[rank::self.dist.world_size], hit[rank::self.dist.world_size] = part.hypotheses, part.hit_budget
+                outputs[pair], hit_share = hypotheses, share(hit)
+                if eval_set.is_test and self.dist.is_main:
+                    self.save(eval_set, pair, hypotheses, hit_share)
+            if eval_set.is_test:
+                self.hit_budget.setdefault(eval_set.name, {})[pair] = hit_share
+                if hit_share["count"]:
+                    log.warning("%s %s: %.1f%% of hypotheses ran to eval.max_new_tokens=%d without ending",
+                                eval_set.name, pair, 100 * hit_share["share"], self.max_new_tokens[pair])
+        return outputs
+
+    def save(self, eval_set: EvalSet, pair: str, hypotheses: list[str], hit_share: dict) -> None:
+        folder = self.out_dir / "predictions" / eval_set.name
+        corpus = eval_set.corpora[pair]
+        for ext, lines in (("src", corpus.src), ("hyp", hypotheses), ("ref", corpus.tgt)):
+            write_lines_atomic(folder / f"{pair}.{ext}", lines)
+        write_json_atomic(folder / f"{pair}.json", {"decoding": self.decoding(pair), "hit_generation_budget": hit_share})
+
+
+def score(scorer: Scorer, eval_set: EvalSet, outputs: dict[str, list[str]], targets: dict[str, str],
+          tracker: Tracker, step: int) -> dict[str, tuple[dict, dict]]:
+    """Per pair, corpus metrics (with the off-target `target_script_ratio`) and sacrebleu signatures; COMET on
+    test sets only, every pair in one call. `targets`: each pair's target language code."""
+    scored = {}
+    for pair, hypotheses in outputs.items():
+        corpus = eval_set.corpora[pair]
+        metrics, signatures = scorer.score(corpus.src, hypotheses, corpus.tgt, comet=False)
+        scored[pair] = (metrics | {"target_script_ratio": target_script_ratio(hypotheses, targets[pair])}, signatures)
+    if eval_set.is_test and "comet" in scorer.eval_cfg.metrics:
+        comet = scorer.comet_by_pair({pair: (eval_set.corpora[pair].src, hyps, eval_set.corpora[pair].tgt)
+                                      for pair, hyps in outputs.items()})
+        for pair, value in comet.items():
+            scored[pair][0]["comet"] = value
+    for pair, (metrics, _) in scored.items():
+        tracker.log({f"{eval_set.name}/{pair}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
+    return scored
+
+
+def record_test_results(results: dict, out_dir: Path, scorer: Scorer, evaluator: Evaluator, test_sets: list[EvalSet],
+                        outputs: dict[str, dict[str, list[str]]], targets: dict[str, str], tracker: Tracker,
+                        step: int, n_samples: int, started: float, eval_started: float) -> dict:
+    """Score every test set, then write results.json: the first test set is the headline (`test_set`, `metrics`,
+    `signatures`), every set has its own entry under `test_sets`. A scoring failure writes `status: failed`
+    with the error (the predictions are already on disk) and re-raises. Then the W&B samples tables and summary."""
+    try:
+        scored = {s.name: score(scorer, s, outputs[s.name], targets, tracker, step) for s in test_sets}
+    except Exception as err:
+        write_json_atomic(out_dir / "results.json", results | {
+            "status": "failed", "error": f"scoring failed: {type(err).__name__}: {err}",
+            "traceback": traceback.format_exc()})
+        raise
+    by_set = {s.name: {"n_test": {pair: len(c) for pair, c in s.corpora.items()},
+                       "metrics": {pair: m for pair, (m, _) in scored[s.name].items()},
+                       "signatures": next(iter(scored[s.name].values()))[1],
+                       "hit_generation_budget": evaluator.hit_budget.get(s.name, {})} for s in test_sets}
+    headline = by_set[test_sets[0].name]
+    results = results | {"test_set": test_sets[0].name, **headline, "test_sets": by_set, "skipped": scorer.skipped}
+    results["timings"] = {"total_s": time.perf_counter() - started, "eval_s": time.perf_counter() - eval_started,
+                          "train_s": results.get("train", {}).get("seconds", 0.0)}
+    write_json_atomic(out_dir / "results.json", results)  # before anything that talks to W&B
+    for s in test_sets:
+        for pair, hypotheses in outputs[s.name].items():
+            corpus = s.corpora[pair]
+            rows = [list(row) for row in zip(corpus.src, corpus.tgt, hypotheses, strict=True)][:n_samples]
+            tracker.table(f"samples/{s.name}/{pair}", ["source", "reference", "hypothesis"], rows)
+    tracker.summary({f"{s}/{pair}/{k}": v for s, entry in by_set.items() for pair, m in entry["metrics"].items()
+                     for k, v in m.items()})
+    for s, entry in by_set.items():
+        for pair, m in entry["metrics"].items():
+            log.info("%s %s %s (%s): %s", results["model"], results["method"], pair, s,
+                     ", ".join(f"{k}={v:.2f}" for k, v in m.items() if v is not None))
+    return results
