@@ -155,6 +155,14 @@ def hold_out(corpus: ParallelCorpus, size: int, seed: int) -> tuple[ParallelCorp
             ParallelCorpus([corpus.src[i] for i in held], [corpus.tgt[i] for i in held]))
 
 
+def training_data(cfg: DictConfig, pair_cfgs: dict[str, DictConfig]) -> tuple[dict[str, ParallelCorpus], ...]:
+    """Per pair, the training corpus (`data.max_train_samples`) and the validation slice held out of it
+    (`data.validation_size` sentences, seed 0, so every run of a pair holds out the same ones)."""
+    held_out = {name: hold_out(read_split(c.data.train), cfg.data.validation_size, seed=0) for name, c in pair_cfgs.items()}
+    return ({name: train.head(cfg.data.max_train_samples) for name, (train, _) in held_out.items()},
+            {name: valid for name, (_, valid) in held_out.items()})
+
+
 def pair_config(cfg: DictConfig, name: str) -> DictConfig:
     """A copy of `cfg` with `pair` set to conf/pair/<name>.yaml, so `data.*` paths re-resolve for it."""
     if name == cfg.pair.name:
@@ -251,6 +259,8 @@ class SequenceFormat:
 
     def prompt_ids(self, sources: list[str], pair_cfg: DictConfig) -> list[list[int]]:
         """Tokenised prompts; a chat template writes its own BOS, so no special tokens are added then."""
+        if not sources:  # e.g. an empty validation slice (data.validation_size=0)
+            return []
         return self.tokenizer(self.prompt_texts(sources, pair_cfg), add_special_tokens=not self.chat_template).input_ids
 
     def answer_ids(self, sources: list[str], targets: list[str], pair_cfg: DictConfig) -> list[list[int]]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,12 @@ from ladm.metrics import Scorer, target_script_ratio
 from ladm.tracking import Tracker
 
 log = logging.getLogger(__name__)
+VERSIONED = ("torch", "transformers", "peft", "sacrebleu", "unbabel-comet", "hydra-core", "wandb", "ladm")
+
+
+def versions() -> dict[str, str]:
+    """The versions of the packages a result depends on, for results.json."""
+    return {name: version(name) for name in VERSIONED} | {"python": platform.python_version()}
 
 
 @dataclass
@@ -47,6 +55,16 @@ def read_test_sets(pair_cfgs: dict[str, DictConfig], max_samples: int | None) ->
         for split in test_set_configs(pair_cfg):
             by_name.setdefault(split.name, {})[pair] = read_split(split).head(max_samples)
     return [EvalSet(name, corpora) for name, corpora in by_name.items()]
+
+
+def completed_results(out_dir: Path) -> dict | None:
+    """The results.json of a finished job in `out_dir`, if there is one."""
+    path = out_dir / "results.json"
+    if path.is_file():
+        results = json.loads(path.read_text(encoding="utf-8"))
+        if results.get("status") == "complete":
+            return results
+    return None
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -104,8 +122,8 @@ class Evaluator:
                 for rank, part in enumerate(self.dist.gather(shard)):
                     hypotheses[rank::self.dist.world_size], hit[rank::self.dist.world_size] = part.hypotheses, part.hit_budget
                 outputs[pair], hit_share = hypotheses, share(hit)
-                if eval_set.is_test and self.dist.is_main:
-                    self.save(eval_set, pair, hypotheses, hit_share)
+            if eval_set.is_test and self.dist.is_main:  # right away; saved ones are copied into this folder
+                self.save(eval_set, pair, outputs[pair], hit_share)
             if eval_set.is_test:
                 self.hit_budget.setdefault(eval_set.name, {})[pair] = hit_share
                 if hit_share["count"]:

@@ -61,8 +61,9 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def load_sweep(sweep_dir: Path) -> tuple[list[Job], list[dict]]:
-    """Complete jobs and failed ones (with their error) below `sweep_dir`."""
+def load_sweep(sweep_dir: Path, test_set: str | None = None) -> tuple[list[Job], list[dict]]:
+    """Complete jobs and failed ones (with their error) below `sweep_dir`; with `test_set`, every job's scores on
+    that test set (from its `test_sets` entry) and jobs not tested on it left out."""
     complete, failed = [], []
     for path in sorted(sweep_dir.rglob("results.json")):
         results = read_json(path, "results file", "re-run that job (or delete its folder)")
@@ -72,11 +73,16 @@ def load_sweep(sweep_dir: Path) -> tuple[list[Job], list[dict]]:
             missing = [key for key in RESULT_KEYS if key not in results]
             if missing:
                 raise LadmError(f"{path} lacks {', '.join(missing)} (written by another ladm version?): re-run that job")
+            if test_set is not None and results["test_set"] != test_set:
+                if test_set not in results.get("test_sets", {}):
+                    continue
+                results = results | {"test_set": test_set, **results["test_sets"][test_set]}
             complete.append(Job(path.parent, results))
         elif results.get("status") == "failed":
             failed.append({"job": str(path.parent.relative_to(sweep_dir)), "error": results.get("error", "?")})
     if not complete:
-        raise LadmError(f"no complete results.json under {sweep_dir}: run a sweep there first"
+        raise LadmError(f"no complete results.json under {sweep_dir}"
+                        + (f" tested on {test_set}" if test_set else "") + ": run a sweep there first"
                         + (f" ({len(failed)} job(s) failed)" if failed else ""))
     tested: dict[str, set] = defaultdict(set)
     for job in complete:
@@ -85,7 +91,7 @@ def load_sweep(sweep_dir: Path) -> tuple[list[Job], list[dict]]:
     for pair, test_sets in tested.items():
         if len(test_sets) > 1:
             shown = ", ".join(f"{name} ({n} sentences)" for name, n in sorted(test_sets))
-            raise LadmError(f"pair {pair} was tested on different test sets: {shown}; report one test set per sweep")
+            raise LadmError(f"pair {pair} was tested on different test sets: {shown}; choose one with --test-set NAME")
     return complete, failed
 
 
@@ -311,9 +317,10 @@ def log_to_wandb(jobs: list[Job], markdown: str, figures: list[Path]) -> None:
         print(f"ladm-report: W&B logging skipped: {err}", file=sys.stderr)
 
 
-def report(sweep_dir: Path, out_dir: Path | None = None, wandb_log: bool = True) -> dict[str, Path]:
+def report(sweep_dir: Path, out_dir: Path | None = None, wandb_log: bool = True,
+           test_set: str | None = None) -> dict[str, Path]:
     """Write report.md, report.csv, report.tex and the plots; returns their paths."""
-    jobs, failed = load_sweep(sweep_dir)
+    jobs, failed = load_sweep(sweep_dir, test_set)
     label_rows(jobs)
     paired_bootstrap(jobs)
     tables = build_tables(jobs)
@@ -343,13 +350,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: <sweep_dir>/report")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
+    parser.add_argument("--test-set", default=None, help="report this test set of every job (e.g. ntrex128), "
+                        "not each job's headline one")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"ladm-report: error: {args.sweep_dir} is not a folder: give a sweep folder such as multirun/demo",
               file=sys.stderr)
         sys.exit(2)
     try:
-        report(args.sweep_dir, args.out, wandb_log=not args.no_wandb)
+        report(args.sweep_dir, args.out, wandb_log=not args.no_wandb, test_set=args.test_set)
     except LadmError as err:
         print(f"ladm-report: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -105,7 +105,9 @@ COMMON: dict[str, Rule] = {
     "eval.num_beams": INT_POS, "eval.n_samples": INT_NONNEG, "eval.on_missing": Rule("str", choices=("error", "skip")),
     "eval.metrics": Rule("list", choices=("chrf++", "spbleu", "comet"), nonempty=True),
     "eval.fetch": BOOL, "eval.test_sets": Rule("list", choices=TEST_SETS, nullable=True, nonempty=True),
-    "eval.comet.model": STR, "eval.comet.batch_size": INT_POS,
+    "eval.comet.model": STR,
+    "eval.comet.batch_size": INT_POS,
+    "evaluate.run": Rule("str", nullable=True), "evaluate.adapter": Rule("str", nullable=True),
     "logger.name": Rule("str", choices=("wandb", "none")),
     "logger.mode": Rule("str", choices=("offline", "online", "disabled")),
     "probe.reference_pair": STR, "probe.split": Rule("str", choices=("train", "test")),
@@ -154,7 +156,7 @@ METHOD: dict[str, dict[str, Rule]] = {
         "method.general_ratio": UNIT, "method.partition": UNIT, "method.routing": Rule("str", choices=("gate", "none")),
         "method.units": Rule("str", choices=("split", "general", "all"))},
 }
-DATA_FILES = {"text": ("src", "tgt"), "tsv": ("path",), "jsonl": ("path",)}
+DATA_FILES = {"text": ("src", "tgt"), "tsv": ("path",), "jsonl": ("path",), "tmx": ("root",)}
 
 
 def _value(cfg: DictConfig, key: str) -> Any:

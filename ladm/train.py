@@ -6,11 +6,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,9 +16,9 @@ from transformers import set_seed
 from ladm import LadmError
 from ladm.checkpoint import RunFolderLock, config_differences, load_latest, set_aside
 from ladm.cli import cli_main
-from ladm.data import LengthBudgets, SequenceFormat, hold_out, pair_config, read_split, share, truncate
+from ladm.data import LengthBudgets, SequenceFormat, pair_config, share, training_data, truncate
 from ladm.distributed import DistEnv
-from ladm.evaluation import EvalSet, Evaluator, read_test_sets, record_test_results, score
+from ladm.evaluation import EvalSet, Evaluator, completed_results, read_test_sets, record_test_results, score, versions
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
 from ladm.metrics import Scorer
@@ -31,17 +28,6 @@ from ladm.tracking import Tracker
 from ladm.trainer import fit
 
 log = logging.getLogger("ladm.train")
-VERSIONED = ("torch", "transformers", "peft", "sacrebleu", "unbabel-comet", "hydra-core", "wandb", "ladm")
-
-
-def completed_results(out_dir: Path) -> dict | None:
-    """The results.json of a finished run in `out_dir`, if there is one."""
-    path = out_dir / "results.json"
-    if path.is_file():
-        results = json.loads(path.read_text(encoding="utf-8"))
-        if results.get("status") == "complete":
-            return results
-    return None
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -91,9 +77,8 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     check_model_path(cfg.model)
     method = build_method(cfg, dist)
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
-    held_out = {name: hold_out(read_split(c.data.train), cfg.data.validation_size, seed=0) for name, c in pair_cfgs.items()}
-    train_corpora = {name: train.head(cfg.data.max_train_samples) for name, (train, _) in held_out.items()}
-    validation = EvalSet("validation", {name: valid for name, (_, valid) in held_out.items()}, is_test=False)
+    train_corpora, validation_corpora = training_data(cfg, pair_cfgs)
+    validation = EvalSet("validation", validation_corpora, is_test=False)
     test_sets = read_test_sets(pair_cfgs, cfg.eval.max_samples)
     scorer = Scorer.preflight(cfg.eval)
     resume = resume_state(cfg, out_dir, dist, method.trains)
@@ -170,7 +155,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         "max_new_tokens": budgets.max_new_tokens,
         "truncated_train": truncated_train,
         "validation": validation_scores,
-        "versions": {name: version(name) for name in VERSIONED} | {"python": platform.python_version()},
+        "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     results = record_test_results(results, out_dir, scorer, evaluator, test_sets, outputs, targets, tracker,

@@ -59,7 +59,8 @@ def test_cli_tiny_qwen2_zh_km_lora(tmp_path, cache_dir):
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "tiny-qwen2.5" and results["pairs"] == ["zh-km"]
     assert results["metrics"]["zh-km"]["spbleu"] is None and "spbleu" in results["skipped"]
-    assert (out / "predictions" / "flores200-devtest" / "zh-km.hyp").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "predictions" / "flores200-devtest" / "zh-km.hyp").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
 
 
 def test_tiny_gemma2_trains(make_cfg, files_overrides, tmp_path):

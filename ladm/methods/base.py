@@ -8,7 +8,26 @@ from typing import Any, ClassVar
 import torch
 from omegaconf import DictConfig
 
+from ladm import LadmError
 from ladm.distributed import DistEnv
+
+
+def load_peft_adapters(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """Every PEFT adapter saved in `folder` (PEFT's layout: `default` at the top, other names in subfolders),
+    the first one active."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    found = ([folder] if (folder / "adapter_config.json").is_file() else []) + sorted(
+        p.parent for p in folder.glob("*/adapter_config.json"))
+    if not found:
+        raise LadmError(f"{folder} holds no PEFT adapter (no adapter_config.json): give the adapter/ folder of a "
+                        "run or a folder written by PEFT's save_pretrained")
+    names = ["default" if path == folder else path.name for path in found]
+    model = PeftModel.from_pretrained(model, found[0], adapter_name=names[0])
+    for path, name in zip(found[1:], names[1:], strict=True):
+        model.load_adapter(path, adapter_name=name)
+    return model.eval()
 
 
 class Method:
@@ -54,6 +73,10 @@ class Method:
     def save(self, model: torch.nn.Module, folder: Path) -> None:
         """The trained state, loadable onto the base model (PEFT methods: `PeftModel.from_pretrained`)."""
         model.save_pretrained(folder, save_embedding_layers=False)
+
+    def load(self, model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+        """Put the state `save` wrote back on the base `model`, for evaluation."""
+        return load_peft_adapters(model, folder)
 
     def describe(self) -> dict[str, Any]:
         """What the method decided (e.g. per-layer multipliers), for results.json and W&B."""

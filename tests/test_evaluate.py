@@ -1,0 +1,166 @@
+"""ladm-eval: any saved model on several test sets; the hypotheses a run wrote are reproduced by reloading its
+saved state, saved hypotheses are scored again without generating, and the report files the results."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from hydra import compose, initialize_config_dir
+from sacrebleu.metrics import CHRF
+
+from ladm import CONFIG_DIR, REPO_ROOT
+from ladm import evaluation as ladm_evaluation
+from ladm.evaluate import run as evaluate
+from ladm.train import run as train
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1"}
+MLAS = ["method=mlas_lora", "probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r_spe=4",
+        "method.pairs=[zh-lo,zh-km]"]
+LANDERMT = ["method=landermt", "method.pairs=[zh-lo,zh-km]", "method.lambda=0.6", "probe.n_sentences=4",
+            "probe.batch_size=2", "method.k_layers=2"]
+
+
+@pytest.fixture
+def eval_cfg(cache_dir):
+    def _make(*overrides: str):
+        base = ["logger=none", "eval.metrics=[chrf++]", f"cache_dir={cache_dir}"]
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose("evaluate", overrides=base + list(overrides))
+
+    return _make
+
+
+def hypotheses(folder, test_set, pair):
+    return (folder / "predictions" / test_set / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.mark.parametrize("method", [["method=lora", "train.lr=1e-2"], MLAS, LANDERMT], ids=["lora", "mlas_lora", "landermt"])
+def test_a_run_folder_reloads_to_its_own_hypotheses(make_cfg, eval_cfg, files_overrides, tmp_path, method):
+    """Evaluating a run folder whose predictions are gone regenerates them from adapter/: the same hypotheses
+    as the run wrote right after training (every pair, with its own adapters), and the same scores."""
+    common = [*files_overrides, "train.max_steps=3", "train.batch_size=4", "train.warmup_ratio=0",
+              "eval.max_new_tokens=8", "data.validation_size=0"]
+    trained = train(make_cfg(*method, *common), tmp_path / "run")
+    shutil.copytree(tmp_path / "run" / "predictions", tmp_path / "saved")
+    shutil.rmtree(tmp_path / "run" / "predictions")
+    results = evaluate(eval_cfg(f"evaluate.run={tmp_path / 'run'}"), tmp_path / "eval")
+    assert results["method"] == trained["method"] and results["pairs"] == trained["pairs"]
+    assert results["evaluated"]["kind"] == "run" and results["test_set"] == "files"
+    for pair in trained["pairs"]:
+        expected = (tmp_path / "saved" / "files" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()
+        assert hypotheses(tmp_path / "eval", "files", pair) == expected
+        assert results["metrics"][pair]["chrf++"] == pytest.approx(trained["metrics"][pair]["chrf++"])
+
+
+def test_saved_hypotheses_are_scored_again_without_generating(make_cfg, eval_cfg, files_overrides, tmp_path,
+                                                               monkeypatch):
+    trained = train(make_cfg("method=zero_shot", "eval.max_new_tokens=6", *files_overrides), tmp_path / "run")
+    monkeypatch.setattr(ladm_evaluation, "translate", lambda *a, **k: pytest.fail("generated again"))
+    results = evaluate(eval_cfg(f"evaluate.run={tmp_path / 'run'}", "eval.metrics=[chrf++,spbleu]",
+                                "eval.on_missing=skip"), tmp_path / "eval")
+    hyps, refs = hypotheses(tmp_path / "run", "files", "zh-lo"), (tmp_path / "run" / "predictions" / "files" /
+                                                                 "zh-lo.ref").read_text(encoding="utf-8").splitlines()
+    assert hypotheses(tmp_path / "eval", "files", "zh-lo") == hyps
+    assert results["metrics"]["zh-lo"]["chrf++"] == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score)
+    assert results["metrics"]["zh-lo"]["chrf++"] == pytest.approx(trained["metrics"]["zh-lo"]["chrf++"])
+    with pytest.raises(pytest.fail.Exception, match="generated again"):  # other decoding settings: generate
+        evaluate(eval_cfg(f"evaluate.run={tmp_path / 'run'}", "eval.num_beams=2"), tmp_path / "eval-beams")
+
+
+def test_plain_peft_adapter_and_base_model(make_cfg, eval_cfg, files_overrides, tmp_path):
+    """A run's adapter/ given as a plain PEFT folder reproduces the run; the base model reproduces zero-shot."""
+    lora = train(make_cfg("method=lora", "train.max_steps=3", "train.batch_size=4", "train.lr=1e-2",
+                          "eval.max_new_tokens=8", *files_overrides), tmp_path / "lora")
+    peft = evaluate(eval_cfg(f"evaluate.adapter={tmp_path / 'lora' / 'adapter'}", "eval.max_new_tokens=8",
+                             *files_overrides), tmp_path / "peft")
+    assert peft["method"] == "peft_adapter" and peft["evaluated"]["path"] == str(tmp_path / "lora" / "adapter")
+    assert hypotheses(tmp_path / "peft", "files", "zh-lo") == hypotheses(tmp_path / "lora", "files", "zh-lo")
+    assert peft["metrics"]["zh-lo"]["chrf++"] == pytest.approx(lora["metrics"]["zh-lo"]["chrf++"])
+    train(make_cfg("method=zero_shot", "eval.max_new_tokens=8", *files_overrides), tmp_path / "zero")
+    base = evaluate(eval_cfg("eval.max_new_tokens=8", *files_overrides), tmp_path / "base")
+    assert base["method"] == "zero_shot" and base["evaluated"] == {"kind": "base_model"}
+    assert hypotheses(tmp_path / "base", "files", "zh-lo") == hypotheses(tmp_path / "zero", "files", "zh-lo")
+
+
+def tmx_segments(zip_name: str, lang: str) -> dict[str, str]:
+    """An independent reading of a TICO-19 memory: regular expressions over the raw XML."""
+    with zipfile.ZipFile(REPO_ROOT / "data" / "tico19" / zip_name) as archive:
+        xml = archive.read(archive.namelist()[0]).decode("utf-8")
+    units = re.findall(r'<tu tuid="([^"]+)">(.*?)</tu>', xml, flags=re.S)
+    found = {}
+    for tuid, body in units:
+        match = re.search(rf'<tuv xml:lang="{lang}">\s*<seg>(.*?)</seg>', body, flags=re.S)
+        found[tuid] = " ".join(match.group(1).split())
+    return found
+
+
+def test_cli_several_test_sets_and_the_report(tmp_path, cache_dir):
+    """`ladm-eval` on FLORES-200, NTREX-128 and TICO-19 at once: each with its own sentences, metrics and
+    signatures; TICO-19's zh→km pairs are the memories' units aligned by id; ladm-report tabulates the job."""
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladm.evaluate", "pair=zh-km", "eval.test_sets=[flores200,ntrex128,tico19]",
+         "eval.max_samples=3", "eval.max_new_tokens=4", "eval.metrics=[chrf++]", "logger=none",
+         f"cache_dir={cache_dir}", f"hydra.run.dir={out}"], cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["test_sets"]) == ["flores200-devtest", "ntrex128", "tico19"]
+    assert results["test_set"] == "flores200-devtest"
+    assert results["metrics"] == results["test_sets"]["flores200-devtest"]["metrics"]
+    zh, km = tmx_segments("all.en-zh.tmx.zip", "zh"), tmx_segments("all.en-km.tmx.zip", "km")
+    first = list(zh)[:3]
+    assert (out / "predictions" / "tico19" / "zh-km.src").read_text(encoding="utf-8").splitlines() == [zh[i] for i in first]
+    assert (out / "predictions" / "tico19" / "zh-km.ref").read_text(encoding="utf-8").splitlines() == [km[i] for i in first]
+    ntrex_ref = (REPO_ROOT / "data" / "ntrex128" / "newstest2019-ref.khm.txt").read_bytes().decode().split("\r\n")[:3]
+    assert (out / "predictions" / "ntrex128" / "zh-km.ref").read_text(encoding="utf-8").splitlines() == ntrex_ref
+    for name, entry in results["test_sets"].items():
+        hyps = hypotheses(out, name, "zh-km")
+        refs = (out / "predictions" / name / "zh-km.ref").read_text(encoding="utf-8").splitlines()
+        assert entry["n_test"] == {"zh-km": 3} and "nw:2" in entry["signatures"]["chrf++"]
+        assert entry["metrics"]["zh-km"]["chrf++"] == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score)
+    for test_set, shown in ((None, "flores200-devtest"), ("tico19", "tico19")):
+        report = subprocess.run([sys.executable, "-m", "ladm.report", str(out), "--no-wandb", "--out", str(tmp_path / shown),
+                                 *(["--test-set", test_set] if test_set else [])],
+                                cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
+        assert report.returncode == 0, report.stderr[-2000:]
+        rows = [r for r in csv.DictReader((tmp_path / shown / "report.csv").open(encoding="utf-8")) if r["metric"] == "chrf++"]
+        assert [(r["method"], r["test_set"]) for r in rows] == [("zero_shot", shown)]
+        assert float(rows[0]["value"]) == pytest.approx(results["test_sets"][shown]["metrics"]["zh-km"]["chrf++"])
+
+
+def test_cli_multirun_over_pairs(tmp_path, cache_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladm.evaluate", "-m", "pair=zh-lo,zh-km", "eval.max_samples=1", "eval.max_new_tokens=2",
+         "eval.metrics=[chrf++]", "logger=none", f"cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {json.loads(p.read_text())["pairs"][0] for p in tmp_path.rglob("results.json")}
+    assert found == {"zh-lo", "zh-km"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pair=zh-lo", "eval.test_sets=[tico19]"], "has no translation memory for 'lo'"),
+    (["eval.test_sets=[wmt19]"], "eval.test_sets must be a non-empty list of flores200 | ntrex128 | tico19"),
+    (["evaluate.run=/nonexistent/run"], "is not a folder"),
+    (["evaluate.adapter=/nonexistent/adapter"], "is not a folder"),
+])
+def test_bad_evaluation_input_is_one_line(tmp_path, cache_dir, args, message):
+    proc = subprocess.run([sys.executable, "-m", "ladm.evaluate", *args, "logger=none", f"cache_dir={cache_dir}",
+                           f"hydra.run.dir={tmp_path / 'out'}"], cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1
+
+
+def test_a_run_that_stopped_before_its_adapter_is_refused(make_cfg, eval_cfg, files_overrides, tmp_path):
+    from ladm import LadmError
+
+    train(make_cfg("method=lora", "train.max_steps=1", "train.save_adapter=false", "eval.max_new_tokens=2",
+                   *files_overrides), tmp_path / "run")
+    with pytest.raises(LadmError, match="has no adapter/"):
+        evaluate(eval_cfg(f"evaluate.run={tmp_path / 'run'}"), tmp_path / "eval")
