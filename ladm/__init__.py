@@ -14,9 +14,21 @@ CONFIG_DIR = REPO_ROOT / "conf"
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
 
 
-def job_dirname(overrides: str) -> str:
-    """A sweep job's folder from its overrides: one level deep, and short enough for any filesystem."""
-    name = overrides.replace("/", "%") or "default"
+EXCLUDED_FROM_DIRNAME = ("experiment", "name", "logger", "logger.mode", "cache_dir", "force")
+FIRST_AXES = ("model", "method", "pair", "train.seed", "strength")  # then the rest, alphabetically
+
+
+def job_dirname(overrides: list[str]) -> str:
+    """A sweep job's folder from its overrides (`hydra.overrides.task`): the swept axes in a fixed order
+    (model, method, pair, seed, strength, then the rest), one level deep; beyond 120 characters the tail is
+    cut and replaced by a hash of the whole, so the leading axes stay readable."""
+    items = {}
+    for override in overrides:
+        key, _, value = str(override).lstrip("+~").partition("=")
+        if key not in EXCLUDED_FROM_DIRNAME and not key.startswith("hydra."):
+            items[key] = value
+    order = sorted(items, key=lambda k: (FIRST_AXES.index(k) if k in FIRST_AXES else len(FIRST_AXES), k))
+    name = ",".join(f"{'seed' if k == 'train.seed' else k}={items[k]}" for k in order).replace("/", "%") or "default"
     return name if len(name) <= 120 else f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
 
 

@@ -25,7 +25,7 @@ from ladm.methods import build_method
 from ladm.methods.base import load_peft_adapters
 from ladm.metrics import Scorer
 from ladm.models import check_model_path, context_length, load_model, load_tokenizer
-from ladm.schema import validate
+from ladm.schema import config_hash, validate
 from ladm.tracking import Tracker
 
 log = logging.getLogger("ladm.eval")
@@ -87,12 +87,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     started = time.perf_counter()
     dist = DistEnv.from_environment()
     out_dir = Path(dist.broadcast(str(out_dir)))
-    if not cfg.force and (done := dist.broadcast(completed_results(out_dir) if dist.is_main else None)):
-        log.info("skipping %s: results.json is complete (force=true to evaluate again)", out_dir)
-        dist.close()
-        return done
     cfg, evaluated = what_to_evaluate(cfg)
     validate(cfg)
+    done, _ = dist.broadcast(completed_results(out_dir, config_hash(cfg)) if dist.is_main else None)
+    if done and not cfg.force:
+        log.info("skipping %s: results.json is complete for this config (force=true to evaluate again)", out_dir)
+        dist.close()
+        return done
     lock = RunFolderLock(out_dir) if dist.is_main else None
     try:
         return evaluate(cfg, evaluated, out_dir, dist, started)
@@ -142,6 +143,7 @@ def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, sta
     results = {
         "status": "complete",
         "name": cfg.name,
+        "config_hash": config_hash(cfg),
         "model": cfg.model.name,
         "method": method_name,
         "evaluated": {k: v for k, v in evaluated.items() if k != "method_details"},

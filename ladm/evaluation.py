@@ -57,14 +57,19 @@ def read_test_sets(pair_cfgs: dict[str, DictConfig], max_samples: int | None) ->
     return [EvalSet(name, corpora) for name, corpora in by_name.items()]
 
 
-def completed_results(out_dir: Path) -> dict | None:
-    """The results.json of a finished job in `out_dir`, if there is one."""
+def completed_results(out_dir: Path, config_hash: str) -> tuple[dict | None, bool]:
+    """(results, stale): the complete results.json in `out_dir` if it was computed with this config hash;
+    `stale` when the folder holds complete results of another config (the job runs again)."""
     path = out_dir / "results.json"
     if path.is_file():
         results = json.loads(path.read_text(encoding="utf-8"))
         if results.get("status") == "complete":
-            return results
-    return None
+            if results.get("config_hash") == config_hash:
+                return results, False
+            log.warning("%s holds results of another config (hash %s, now %s): running it again", out_dir,
+                        results.get("config_hash"), config_hash)
+            return None, True
+    return None, False
 
 
 def _read_lines(path: Path) -> list[str]:

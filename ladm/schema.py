@@ -8,6 +8,8 @@ the code that owns them; this module checks each value on its own.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from transformers import SchedulerType
 
-from ladm import CONFIG_DIR, LadmError
+from ladm import CONFIG_DIR, REPO_ROOT, LadmError
 
 AUTO = "auto"
 
@@ -186,15 +188,30 @@ def validate(cfg: DictConfig) -> None:
 # Keys that change where results go, what is logged or how often state is saved, not what is trained.
 RUN_ONLY_KEYS = ("name", "force", "cache_dir", "logger", "eval", "train.resume", "train.checkpoint_every",
                  "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.save_adapter")
+# Of those, the ones that change no number in results.json either (the eval settings do).
+NOT_IN_RESULTS = ("name", "force", "cache_dir", "logger", "train.resume", "train.checkpoint_every",
+                  "train.keep_checkpoints", "train.log_every", "train.save_adapter", "eval.batch_size",
+                  "eval.n_samples", "eval.fetch", "eval.comet.batch_size")
 
 
-def training_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without its run-only keys: two runs that agree here train identically."""
+def _without(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     tree = OmegaConf.to_container(cfg, resolve=True)
-    for key in RUN_ONLY_KEYS:
+    for key in keys:
         *parents, leaf = key.split(".")
         node = tree
         for parent in parents:
             node = node.get(parent, {})
         node.pop(leaf, None)
     return tree
+
+
+def training_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without its run-only keys: two runs that agree here train identically."""
+    return _without(cfg, RUN_ONLY_KEYS)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A hash of everything in the resolved config that changes a job's results (the checkout's location
+    left out), recorded in results.json: "skip complete jobs" compares it."""
+    text = json.dumps(_without(cfg, NOT_IN_RESULTS), sort_keys=True, default=str).replace(str(REPO_ROOT), "<ladm>")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

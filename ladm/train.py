@@ -23,7 +23,7 @@ from ladm.generation import eval_batch_size
 from ladm.methods import build_method
 from ladm.metrics import Scorer
 from ladm.models import check_model_path, context_length, load_model, load_tokenizer
-from ladm.schema import training_identity, validate
+from ladm.schema import config_hash, training_identity, validate
 from ladm.tracking import Tracker
 from ladm.trainer import fit
 
@@ -35,25 +35,27 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     started = time.perf_counter()
     dist = DistEnv.from_environment()
     out_dir = Path(dist.broadcast(str(out_dir)))  # every rank uses rank 0's run folder
-    if not cfg.force and (done := dist.broadcast(completed_results(out_dir) if dist.is_main else None)):
-        log.info("skipping %s: results.json is complete (force=true to run it again)", out_dir)
+    validate(cfg)  # the whole config, before anything is read
+    done, stale = dist.broadcast(completed_results(out_dir, config_hash(cfg)) if dist.is_main else None)
+    if done and not cfg.force:
+        log.info("skipping %s: results.json is complete for this config (force=true to run it again)", out_dir)
         dist.close()
         return done
-    validate(cfg)  # the whole config, before anything is read
     lock = RunFolderLock(out_dir) if dist.is_main else None
     try:
-        return train_and_evaluate(cfg, out_dir, dist, started)
+        return train_and_evaluate(cfg, out_dir, dist, started, fresh=cfg.force or stale)
     finally:
         if lock is not None:
             lock.release()
 
 
-def resume_state(cfg: DictConfig, out_dir: Path, dist: DistEnv, trains: bool) -> dict | None:
+def resume_state(cfg: DictConfig, out_dir: Path, dist: DistEnv, trains: bool, fresh: bool) -> dict | None:
     """The newest checkpoint's state when `train.resume=auto` (refused if it was trained with another config);
-    with `force=true` or `train.resume=never` old checkpoints are moved aside and training starts at step 0."""
+    when `fresh` (force=true, or complete results of another config) or `train.resume=never` old checkpoints are
+    moved aside and training starts at step 0."""
     if not trains:
         return None
-    if cfg.force or cfg.train.resume == "never":
+    if fresh or cfg.train.resume == "never":
         if dist.is_main:
             set_aside(out_dir)
         dist.barrier()
@@ -71,7 +73,7 @@ def resume_state(cfg: DictConfig, out_dir: Path, dist: DistEnv, trains: bool) ->
     return state
 
 
-def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: float) -> dict:
+def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: float, fresh: bool) -> dict:
     """The body of `run`, inside the run folder's lock."""
     # Cheap checks first: model path, method knobs, data files, metric models, the checkpoint to resume.
     check_model_path(cfg.model)
@@ -81,7 +83,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     validation = EvalSet("validation", validation_corpora, is_test=False)
     test_sets = read_test_sets(pair_cfgs, cfg.eval.max_samples)
     scorer = Scorer.preflight(cfg.eval)
-    resume = resume_state(cfg, out_dir, dist, method.trains)
+    resume = resume_state(cfg, out_dir, dist, method.trains, fresh)
 
     tokenizer = load_tokenizer(cfg.model)
     fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
@@ -144,6 +146,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     results = {
         "status": "complete",
         "name": cfg.name,
+        "config_hash": config_hash(cfg),
         "model": cfg.model.name,
         "method": cfg.method.name,
         "evaluated": {"kind": "trained" if method.trains else "base_model"},

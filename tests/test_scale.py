@@ -147,12 +147,32 @@ def test_no_checkpoint_of_non_finite_weights(make_cfg, files_overrides, tmp_path
 def test_complete_jobs_are_skipped_unless_forced(make_cfg, files_overrides, tmp_path, monkeypatch):
     import ladm.train
 
+    """Skipping compares the config hash in results.json: a flag that changes no result (W&B, batch size for
+    generation, the experiment name) skips; a setting that changes results runs the job again."""
+    from ladm.schema import config_hash
+
     cfg = make_cfg("method=zero_shot", "eval.max_new_tokens=2", *files_overrides)
     first = run(cfg, tmp_path)
+    assert first["config_hash"] == config_hash(cfg)
     monkeypatch.setattr(ladm.train, "load_model", lambda *a, **k: pytest.fail("a complete job was run again"))
     assert run(cfg, tmp_path)["metrics"] == first["metrics"]
-    with pytest.raises(pytest.fail.Exception):
-        run(make_cfg("method=zero_shot", "force=true", *files_overrides), tmp_path)
+    harmless = make_cfg("method=zero_shot", "eval.max_new_tokens=2", "eval.batch_size=3", "name=renamed",
+                        "logger=wandb", "logger.mode=disabled", *files_overrides)
+    assert run(harmless, tmp_path)["metrics"] == first["metrics"]
+    for changed in (["eval.max_new_tokens=3"], ["force=true", "eval.max_new_tokens=2"]):
+        with pytest.raises(pytest.fail.Exception):
+            run(make_cfg("method=zero_shot", *changed, *files_overrides), tmp_path)
+
+
+def test_sweep_job_folders_name_the_axes_in_a_fixed_order():
+    from ladm import job_dirname
+
+    assert job_dirname(["train.lr=0.001", "pair=zh-km", "experiment=demo", "train.seed=2", "method=ladm",
+                        "model=qwen2.5-7b", "strength=s1", "logger=none"]) == \
+        "model=qwen2.5-7b,method=ladm,pair=zh-km,seed=2,strength=s1,train.lr=0.001"
+    long = job_dirname(["pair=zh-km", "train.seed=1", *[f"method.knob_{i}={'x' * 10}" for i in range(12)]])
+    assert long.startswith("pair=zh-km,seed=1,method.knob_0=") and len(long) == 111
+    assert job_dirname(["data.train.src=/a/b.txt"]) == "data.train.src=%a%b.txt"
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, cache_dir, files_overrides):
