@@ -1,12 +1,14 @@
-"""`ladm-report multirun/<sweep>`: a sweep's results.json files → comparison tables and plots.
+"""`ladm-report multirun/<sweep>`: a sweep's results.json files → tables and plots for a paper.
 
-Rows are methods (with whatever varies within a method: strength, thresholds, ...), columns are
-pairs plus the average and its Δ against LoRA; one table per measured metric, written as Markdown,
-CSV and LaTeX. A dagger marks a cell whose paired bootstrap test (sacrebleu, 1000 resamples, on the
-saved hypotheses) against LoRA of the same model and pair gives p < 0.05. Plots: the metric against
-LaDM's modulation strength per pair, and ΔR per layer for each pair.
+Rows are methods (with the knobs that vary within a method; presets by their name), columns are the pairs
+in the order the sweep ran them plus their average. A cell is the mean ± sample std over seeds (n shown).
+Δ is against the baseline of the same model and context: LoRA, or LaDM at strength 0 (= LoRA) when the
+sweep has no LoRA job, over the seeds both have. A dagger marks a cell whose paired bootstrap test
+(sacrebleu, 1000 resamples, on the saved hypotheses) against the baseline *of the same seed* gives
+p < 0.05 for every seed (the largest per-seed p-value is reported). Plots: the metric against LaDM's
+modulation strength, one panel per pair with error bars over seeds, and ΔR per layer for each pair.
 
-    ladm-report multirun/ladm_vs_lora [--out DIR] [--no-wandb]
+    ladm-report multirun/ladm_vs_lora [--out DIR] [--no-wandb] [--test-set NAME]
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import argparse
 import csv
 import io
 import json
+import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +31,12 @@ from ladm.plots import pyplot, save_figure
 METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)",
            "target_script_ratio": "target-script ratio (share of hypothesis letters in the target's script)"}
 BOOTSTRAPPED = {"chrf++", "spbleu"}  # sentence-level COMET scores are not saved, so COMET is not resampled
-IGNORED_KEYS = ("pair.", "data.", "name", "cache_dir", "force", "logger.", "eval.comet.", "probe.reference_pair")
+IGNORED_KEYS = ("pair.", "data.", "name", "cache_dir", "force", "logger.", "eval.comet.", "probe.reference_pair",
+                "evaluate.", "train.seed")
 GROUPS_READ = {"ladm": ("strength.", "probe.")}  # top-level groups a method reads besides method.*
+PRESET_KEYS = ("strength.name", "method.ablation")  # a preset's name stands for the keys it sets
 P_THRESHOLD = 0.05
+N_RESAMPLES = 1000
 RESULT_KEYS = ("model", "method", "pairs", "test_set", "n_test", "metrics", "config")
 
 
@@ -39,7 +46,9 @@ class Job:
 
     path: Path
     results: dict
+    order: tuple = ()
     row: str = ""
+    context: tuple = ()  # model and the non-method keys that vary: what a baseline must share
     p_values: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @property
@@ -49,6 +58,13 @@ class Job:
     @property
     def model(self) -> str:
         return self.results["model"]
+
+    @property
+    def seed(self) -> object:
+        return self.config.get("train", {}).get("seed")
+
+    def value(self, pair: str, metric: str) -> float | None:
+        return self.results["metrics"].get(pair, {}).get(metric)
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -61,9 +77,20 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _job_number(folder: Path) -> float:
+    """Hydra's job number (the order the sweep ran its jobs), if the folder has Hydra's record."""
+    import yaml
+
+    try:
+        return float(yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["num"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return float("inf")
+
+
 def load_sweep(sweep_dir: Path, test_set: str | None = None) -> tuple[list[Job], list[dict]]:
-    """Complete jobs and failed ones (with their error) below `sweep_dir`; with `test_set`, every job's scores on
-    that test set (from its `test_sets` entry) and jobs not tested on it left out."""
+    """Complete jobs (in the order the sweep ran them) and failed ones (with their error) below `sweep_dir`;
+    with `test_set`, every job's scores on that test set (from its `test_sets` entry) and jobs not tested on it
+    left out. Mixtures that cannot share one table are refused."""
     complete, failed = [], []
     for path in sorted(sweep_dir.rglob("results.json")):
         results = read_json(path, "results file", "re-run that job (or delete its folder)")
@@ -77,13 +104,17 @@ def load_sweep(sweep_dir: Path, test_set: str | None = None) -> tuple[list[Job],
                 if test_set not in results.get("test_sets", {}):
                     continue
                 results = results | {"test_set": test_set, **results["test_sets"][test_set]}
-            complete.append(Job(path.parent, results))
+            complete.append(Job(path.parent, results, order=(_job_number(path.parent), str(path))))
         elif results.get("status") == "failed":
             failed.append({"job": str(path.parent.relative_to(sweep_dir)), "error": results.get("error", "?")})
     if not complete:
         raise LadmError(f"no complete results.json under {sweep_dir}"
                         + (f" tested on {test_set}" if test_set else "") + ": run a sweep there first"
                         + (f" ({len(failed)} job(s) failed)" if failed else ""))
+    names = sorted({str(job.config.get("name")) for job in complete})
+    if len(names) > 1:
+        raise LadmError(f"{sweep_dir} holds jobs of several experiments ({', '.join(names)}): report each one's "
+                        "folder (multirun/<name>) on its own")
     tested: dict[str, set] = defaultdict(set)
     for job in complete:
         for pair in job.results["pairs"]:
@@ -92,29 +123,63 @@ def load_sweep(sweep_dir: Path, test_set: str | None = None) -> tuple[list[Job],
         if len(test_sets) > 1:
             shown = ", ".join(f"{name} ({n} sentences)" for name, n in sorted(test_sets))
             raise LadmError(f"pair {pair} was tested on different test sets: {shown}; choose one with --test-set NAME")
-    return complete, failed
+    return sorted(complete, key=lambda job: job.order), failed
+
+
+def _preset_determined(key: str, flats: list[dict]) -> set[str]:
+    """Keys of `key`'s group whose value follows from `key`'s value in every job (set by the preset)."""
+    group = key.rsplit(".", 1)[0] + "."
+    determined = set()
+    for other in {k for flat in flats for k in flat if k.startswith(group) and k != key}:
+        seen: dict[str, str] = {}
+        if all(seen.setdefault(str(flat.get(key)), str(flat.get(other))) == str(flat.get(other)) for flat in flats):
+            determined.add(other)
+    return determined
 
 
 def label_rows(jobs: list[Job]) -> None:
-    """Row label = model (if several) + method + the config keys that vary within that method."""
+    """Row label = model (if several) + method + the config keys that vary within that method (a preset by its
+    name), seeds excluded; context = model + the keys outside any method's groups that vary over the sweep."""
     several_models = len({job.model for job in jobs}) > 1
-    by_method: dict[str, list[Job]] = defaultdict(list)
-    for job in jobs:
-        by_method[job.results["method"]].append(job)
-    for method, group in by_method.items():
-        flats = [_flatten(job.config) for job in group]
+    all_flats = [_flatten(job.config) for job in jobs]
+    outside = sorted({k for flat in all_flats for k in flat if not k.startswith(IGNORED_KEYS + ("method.", "strength.",
+                                                                                               "probe.", "model."))})
+    context_keys = [k for k in outside if len({str(flat.get(k)) for flat in all_flats}) > 1]
+    by_method: dict[str, list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        by_method[job.results["method"]].append(i)
+    for method, indices in by_method.items():
+        flats = [all_flats[i] for i in indices]
         unread = tuple(g for g in ("strength.", "probe.") if g not in GROUPS_READ.get(method, ()))
-        keys = sorted({k for flat in flats for k in flat
-                       if not k.startswith(IGNORED_KEYS + unread) and not k.startswith("model.")})
+        keys = sorted({k for flat in flats for k in flat if not k.startswith((*IGNORED_KEYS, *unread, "model."))})
         varying = [k for k in keys if len({str(flat.get(k)) for flat in flats}) > 1]
-        if "strength.name" in varying:
-            varying = [k for k in varying if k not in ("strength.alpha", "strength.beta")]
-        for job, flat in zip(group, flats, strict=True):
+        for preset in PRESET_KEYS:
+            if preset in varying:
+                varying = [k for k in varying if k not in _preset_determined(preset, flats)]
+        for i, flat in zip(indices, flats, strict=True):
+            job = jobs[i]
             parts = [job.model] if several_models else []
             parts.append(method)
-            parts += [f"{k.removeprefix('method.').removeprefix('strength.name').lstrip('.') or 's'}={flat.get(k)}"
-                      if k != "strength.name" else str(flat.get(k)) for k in varying]
+            for k in varying:
+                shown = k.removeprefix("method.").removeprefix("strength.")
+                parts.append(str(flat.get(k)) if k in PRESET_KEYS else f"{shown}={flat.get(k)}")
             job.row = " ".join(parts)
+            job.context = (job.model, *((k, str(flat.get(k))) for k in context_keys))
+
+
+def is_strength_zero(job: Job) -> bool:
+    strength = job.config.get("strength", {})
+    return job.results["method"] == "ladm" and strength.get("alpha") == 0 and strength.get("beta") == 0
+
+
+def baseline_rows(jobs: list[Job]) -> dict[tuple, str]:
+    """Per context, the baseline row: LoRA, or LaDM at strength 0 when the context has no LoRA job."""
+    baselines: dict[tuple, str] = {}
+    for rule in (lambda job: job.results["method"] == "lora", is_strength_zero):
+        for job in jobs:
+            if rule(job):
+                baselines.setdefault(job.context, job.row)
+    return baselines
 
 
 def read_predictions(job: Job, pair: str, ext: str) -> list[str]:
@@ -124,21 +189,21 @@ def read_predictions(job: Job, pair: str, ext: str) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def paired_bootstrap(jobs: list[Job], n_samples: int = 1000) -> None:
-    """p-values of every job against LoRA of the same model and pair, per resampled metric."""
+def paired_bootstrap(jobs: list[Job], baselines: dict[tuple, str]) -> None:
+    """p-values of every job against its baseline job of the same context, pair and seed, per resampled metric."""
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
 
-    baselines = {(job.model, pair): job for job in jobs if job.results["method"] == "lora" for pair in job.results["pairs"]}
+    by_key = {(job.context, job.row, job.seed, pair): job for job in jobs for pair in job.results["pairs"]}
     for job in jobs:
         for pair in job.results["pairs"]:
-            baseline = baselines.get((job.model, pair))
-            if baseline is None or baseline is job:
+            baseline = by_key.get((job.context, baselines.get(job.context), job.seed, pair))
+            if baseline is None or baseline.row == job.row:
                 continue
             metrics = {}
-            if job.results["metrics"][pair].get("chrf++") is not None:
+            if job.value(pair, "chrf++") is not None:
                 metrics["chrf++"] = CHRF(word_order=2)
-            if job.results["metrics"][pair].get("spbleu") is not None:
+            if job.value(pair, "spbleu") is not None:
                 metrics["spbleu"] = BLEU(tokenize="flores200")
             if not metrics:
                 continue
@@ -147,44 +212,100 @@ def paired_bootstrap(jobs: list[Job], n_samples: int = 1000) -> None:
             if not len(ours) == len(theirs) == len(refs):
                 raise LadmError(f"{pair}: {job.path} has {len(ours)} hypotheses, {baseline.path} {len(theirs)} and "
                                 f"{len(refs)} references: the predictions must cover the same test set; re-run the job")
-            test = PairedTest([("lora", theirs), ("system", ours)], metrics,
-                              references=[refs], test_type="bs", n_samples=n_samples)
+            if ours == theirs:  # sacrebleu's test gives p = 1/(n+1) for identical systems; there is no difference
+                job.p_values |= {(pair, metric): 1.0 for metric in metrics}
+                continue
+            test = PairedTest([("baseline", theirs), ("system", ours)], metrics,
+                              references=[refs], test_type="bs", n_samples=N_RESAMPLES)
             _, scores = test()  # keyed 'System', then each metric's display name, in insertion order
             for metric, name in zip(metrics, list(scores)[1:], strict=True):
                 job.p_values[(pair, metric)] = float(scores[name][1].p_value)
 
 
 @dataclass
+class Cell:
+    """One metric of one row and pair (or the pair average) over seeds."""
+
+    by_seed: dict[object, float]
+
+    @property
+    def n(self) -> int:
+        return len(self.by_seed)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.by_seed.values())
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.by_seed.values()) if self.n > 1 else 0.0
+
+
+@dataclass
+class Row:
+    label: str
+    jobs: list[Job]
+    cells: dict[str, Cell]  # per pair, and "avg" when every pair has the same seeds
+    baseline: str | None
+    delta: Cell | None  # the average's difference to the baseline, per shared seed
+    p_max: dict[str, float]  # per pair: the largest p-value over seeds (all seeds tested)
+
+
+@dataclass
 class Table:
     metric: str
     pairs: list[str]
-    rows: list[tuple[str, list[str | None], float | None, float | None]]  # row, cells, average, Δ vs LoRA
+    rows: list[Row]
+    test_set: str
+    n_test: dict[str, int]
+    signature: str | None
+
+
+def _cells(jobs: list[Job], pairs: list[str], metric: str) -> dict[str, Cell]:
+    cells: dict[str, Cell] = {}
+    for pair in pairs:
+        values = {job.seed: v for job in jobs if pair in job.results["pairs"] and (v := job.value(pair, metric)) is not None}
+        if values:
+            cells[pair] = Cell(values)
+    seeds = [set(cells[p].by_seed) for p in pairs if p in cells]
+    if len(seeds) == len(pairs) and seeds and all(s == seeds[0] for s in seeds):
+        cells["avg"] = Cell({seed: statistics.fmean(cells[p].by_seed[seed] for p in pairs) for seed in sorted(seeds[0], key=str)})
+    return cells
 
 
 def build_tables(jobs: list[Job]) -> list[Table]:
-    pairs = sorted({pair for job in jobs for pair in job.results["pairs"]})
+    """One table per measured metric: cells over seeds, Δ of the average against the baseline on shared seeds."""
+    pairs = list(dict.fromkeys(pair for job in jobs for pair in job.results["pairs"]))
+    baselines = baseline_rows(jobs)
+    paired_bootstrap(jobs, baselines)
+    grouped: dict[tuple, list[Job]] = defaultdict(list)
+    for job in jobs:
+        grouped[(job.context, job.row)].append(job)
     tables = []
     for metric in METRICS:
-        if not any(job.results["metrics"][p].get(metric) is not None for job in jobs for p in job.results["pairs"]):
+        if not any(job.value(p, metric) is not None for job in jobs for p in job.results["pairs"]):
             continue
-        cells: dict[str, dict[str, str]] = defaultdict(dict)
-        values: dict[str, dict[str, float]] = defaultdict(dict)
-        for job in jobs:
-            for pair in job.results["pairs"]:
-                value = job.results["metrics"][pair].get(metric)
-                if value is None:
-                    continue
-                significant = job.p_values.get((pair, metric), 1.0) < P_THRESHOLD
-                values[job.row][pair] = value
-                cells[job.row][pair] = f"{value:.2f}{'†' if significant else ''}"
-        average = {row: sum(v.values()) / len(v) for row, v in values.items() if len(v) == len(pairs)}
-        lora_rows = [row for row in average if row.split(" ")[-1] == "lora" or row == "lora"]
+        cells = {key: _cells(group, pairs, metric) for key, group in grouped.items()}
         rows = []
-        for row in sorted(values, key=lambda r: (r.split(" ")[0] != "zero_shot", r.split(" ")[0] != "lora", r)):
-            lora_row = next((r for r in lora_rows if r.rsplit(" ", 1)[0] == row.rsplit(" ", 1)[0] or r == "lora"), None)
-            delta = average[row] - average[lora_row] if row in average and lora_row in average else None
-            rows.append((row, [cells[row].get(p) for p in pairs], average.get(row), delta))
-        tables.append(Table(metric, pairs, rows))
+        for (context, label), group in grouped.items():
+            base_label = baselines.get(context)
+            own, base = cells[(context, label)].get("avg"), cells.get((context, base_label), {}).get("avg")
+            delta = None
+            if own and base and base_label != label and (shared := set(own.by_seed) & set(base.by_seed)):
+                delta = Cell({seed: own.by_seed[seed] - base.by_seed[seed] for seed in shared})
+            p_max = {}
+            for pair in pairs:
+                tested = [job.p_values.get((pair, metric)) for job in group if pair in job.results["pairs"]]
+                if tested and all(p is not None for p in tested):
+                    p_max[pair] = max(tested)
+            rows.append(Row(label, group, cells[(context, label)], base_label if base_label != label else None, delta, p_max))
+        order = {label: i for i, label in enumerate(baselines.values())}
+        rows.sort(key=lambda r: (r.jobs[0].results["method"] != "zero_shot", order.get(r.label, len(order)), r.label))
+        first = jobs[0].results
+        signature = next((job.results.get("signatures", {}).get(metric) for job in jobs
+                          if job.results.get("signatures", {}).get(metric)), None)
+        tables.append(Table(metric, pairs, rows, first["test_set"],
+                            {p: next(j.results["n_test"][p] for j in jobs if p in j.results["pairs"]) for p in pairs}, signature))
     return tables
 
 
@@ -192,8 +313,49 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return "–" if value is None else (f"{value:+.2f}" if signed else f"{value:.2f}")
 
 
-def _share(counted: dict | None) -> str:
-    return "–" if counted is None else f"{100 * counted['share']:.1f}% ({counted['count']}/{counted['of']})"
+def _cell_text(cell: Cell | None, usual_n: int) -> str:
+    if cell is None:
+        return "–"
+    text = f"{cell.mean:.2f} ± {cell.std:.2f}" if cell.n > 1 else f"{cell.mean:.2f}"
+    return text if cell.n == usual_n else f"{text} (n={cell.n})"
+
+
+def _best(table: Table, column: str) -> float | None:
+    means = [r.cells[column].mean for r in table.rows if column in r.cells]
+    return max(means) if len(means) > 1 else None
+
+
+def _usual_n(table: Table) -> int:
+    """The most common number of seeds per cell (other counts are marked in their cells)."""
+    return statistics.mode(cell.n for row in table.rows for cell in row.cells.values())
+
+
+def caption(table: Table) -> str:
+    """What a reader needs under the table: metric, test set and size, seeds, signature, the dagger's test."""
+    sizes = sorted(set(table.n_test.values()))
+    size = f"{sizes[0]} sentences per pair" if len(sizes) == 1 else ", ".join(f"{p} {n}" for p, n in table.n_test.items())
+    baselines = sorted({r.baseline for r in table.rows if r.baseline})
+    n = _usual_n(table)
+    text = (f"{METRICS[table.metric]} on {table.test_set} ({size}); mean ± sample std over {n} seed{'s' * (n > 1)} "
+            "(other counts marked n=); best mean per column in bold.")
+    if baselines:
+        text += (f" Δ: the average's difference to {' / '.join(baselines)} (same model, seeds in common).")
+        if table.metric in BOOTSTRAPPED:
+            text += (f" †: p < {P_THRESHOLD} against {' / '.join(baselines)} in sacrebleu's paired bootstrap "
+                     f"({N_RESAMPLES} resamples) for every seed, each against the baseline of the same seed.")
+    if table.signature:
+        text += f" Signature: {table.signature}."
+    return text
+
+
+def _row_cells(table: Table, row: Row, bold: Callable[[str], str]) -> list[str]:
+    out, usual_n = [], _usual_n(table)
+    for column in [*table.pairs, "avg"]:
+        cell = row.cells.get(column)
+        text = _cell_text(cell, usual_n) + ("†" if row.p_max.get(column, 1.0) < P_THRESHOLD else "")
+        best = _best(table, column)
+        out.append(bold(text) if cell is not None and best is not None and cell.mean == best else text)
+    return out
 
 
 def length_lines(jobs: list[Job]) -> list[str]:
@@ -204,77 +366,98 @@ def length_lines(jobs: list[Job]) -> list[str]:
         for pair in r["pairs"]:
             truncated, hit = r.get("truncated_train", {}).get(pair), r.get("hit_generation_budget", {}).get(pair)
             if truncated is not None or hit is not None:
-                rows.append(f"| {job.row} | {pair} | {r.get('train', {}).get('max_length', '–')} | {_share(truncated)} "
-                            f"| {r.get('max_new_tokens', {}).get(pair, '–')} | {_share(hit)} |")
+                rows.append(f"| {job.row} | {job.seed} | {pair} | {r.get('train', {}).get('max_length', '–')} | "
+                            f"{_share(truncated)} | {r.get('max_new_tokens', {}).get(pair, '–')} | {_share(hit)} |")
     if not rows:
         return []
-    return ["", "### Length budgets", "", "| run | pair | train.max_length | truncated training examples "
-            "| eval.max_new_tokens | hypotheses that hit the budget |", "|---|---|---:|---:|---:|---:|", *rows]
+    return ["", "### Length budgets", "", "| run | seed | pair | train.max_length | truncated training examples "
+            "| eval.max_new_tokens | hypotheses that hit the budget |", "|---|---|---|---:|---:|---:|---:|", *rows]
+
+
+def _share(counted: dict | None) -> str:
+    return "–" if counted is None else f"{100 * counted['share']:.1f}% ({counted['count']}/{counted['of']})"
 
 
 def to_markdown(tables: list[Table], failed: list[dict], jobs: list[Job]) -> str:
     out = []
     for t in tables:
-        out += [f"### {METRICS[t.metric]}", "", "| method | " + " | ".join(t.pairs) + " | avg | Δ avg vs LoRA |",
+        out += [f"### {METRICS[t.metric]}", "", "| method | " + " | ".join(t.pairs) + " | avg | Δ avg |",
                 "|---|" + "---:|" * (len(t.pairs) + 2)]
-        out += [f"| {row} | " + " | ".join(c or "–" for c in cells) + f" | {_fmt(avg)} | {_fmt(delta, True)} |"
-                for row, cells, avg, delta in t.rows]
-        out.append("")
-    out.append(f"† paired bootstrap resampling against LoRA (sacrebleu, 1000 samples): p < {P_THRESHOLD}.")
+        for row in t.rows:
+            delta = "–" if row.delta is None else f"{row.delta.mean:+.2f}" + (f" ± {row.delta.std:.2f}" * (row.delta.n > 1))
+            out.append(f"| {row.label} | " + " | ".join(_row_cells(t, row, lambda s: f"**{s}**")) + f" | {delta} |")
+        out += ["", caption(t), ""]
     out += length_lines(jobs)
     if failed:
         out += ["", "### Failed jobs", ""] + [f"- `{f['job']}`: {f['error']}" for f in failed]
     return "\n".join(out) + "\n"
 
 
-def to_csv(jobs: list[Job]) -> str:
+def to_csv(tables: list[Table]) -> str:
+    """One line per row, column and metric: mean, std, n, the seeds' values, Δ to the baseline, the largest
+    per-seed p-value."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["row", "model", "method", "pair", "metric", "value", "p_value_vs_lora", "test_set", "job"])
-    for job in sorted(jobs, key=lambda j: j.row):
-        for pair in job.results["pairs"]:
-            for metric, value in job.results["metrics"][pair].items():
-                if value is not None:
-                    writer.writerow([job.row, job.model, job.results["method"], pair, metric, value,
-                                     job.p_values.get((pair, metric), ""), job.results["test_set"], str(job.path)])
+    writer.writerow(["row", "column", "metric", "mean", "std", "n", "values_by_seed", "baseline", "delta_avg_vs_baseline",
+                     "p_value_max_over_seeds", "test_set"])
+    for t in tables:
+        for row in t.rows:
+            for column, cell in row.cells.items():
+                delta = row.delta.mean if column == "avg" and row.delta else ""
+                writer.writerow([row.label, column, t.metric, cell.mean, cell.std, cell.n,
+                                 json.dumps({str(k): v for k, v in cell.by_seed.items()}), row.baseline or "", delta,
+                                 row.p_max.get(column, ""), t.test_set])
     return buffer.getvalue()
 
 
-def to_latex(tables: list[Table]) -> str:
-    escape = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("†", r"$^\dagger$")  # noqa: E731
+def to_latex(tables: list[Table], experiment: str) -> str:
+    """booktabs tables, best mean per column in bold, a caption and a label each."""
+    escape = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("†", r"$^\dagger$").replace("±", r"$\pm$")  # noqa: E731
     out = []
     for t in tables:
-        out += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(t.pairs) + 2) + "}", r"\hline",
-                "Method & " + " & ".join(t.pairs) + r" & Avg & $\Delta$ \\", r"\hline"]
-        out += [escape(row) + " & " + " & ".join(escape(c or "--") for c in cells)
-                + f" & {_fmt(avg)} & {_fmt(delta, True)} \\\\".replace("–", "--") for row, cells, avg, delta in t.rows]
-        out += [r"\hline", r"\end{tabular}", rf"\caption{{{METRICS[t.metric]}; $^\dagger$: $p<{P_THRESHOLD}$ against LoRA "
-                r"(paired bootstrap, 1000 samples).}", r"\end{table}", ""]
+        out += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(t.pairs) + 2) + "}", r"\toprule",
+                "Method & " + " & ".join(t.pairs) + r" & Avg & $\Delta$ \\", r"\midrule"]
+        for row in t.rows:
+            delta = "--" if row.delta is None else f"{row.delta.mean:+.2f}"
+            cells = [escape(c).replace("–", "--") for c in _row_cells(t, row, lambda s: rf"\textbf{{{s}}}")]
+            out.append(escape(row.label) + " & " + " & ".join(cells) + f" & {delta} \\\\")
+        label = f"tab:{experiment}-{t.metric}".replace("+", "p").replace("_", "-")
+        out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{escape(caption(t))}}}", rf"\label{{{label}}}",
+                r"\end{table}", ""]
     return "\n".join(out)
 
 
 def plot_strength(jobs: list[Job], metric: str, path: Path) -> bool:
-    """Metric against LaDM strength (alpha) per pair; False when the sweep has fewer than two strengths."""
-    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    """Metric against LaDM strength (alpha), one panel per pair, mean ± std over seeds as error bars, the
+    baseline's mean dashed; False when the sweep has fewer than two strengths."""
+    points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for job in jobs:
         if job.results["method"] == "ladm":
             for pair in job.results["pairs"]:
-                if (value := job.results["metrics"][pair].get(metric)) is not None:
-                    points[pair].append((job.config["strength"]["alpha"], value))
-    if len({s for pts in points.values() for s, _ in pts}) < 2:
+                if (value := job.value(pair, metric)) is not None:
+                    points[pair][job.config["strength"]["alpha"]].append(value)
+    if len({s for by_strength in points.values() for s in by_strength}) < 2:
         return False
-    lora = {pair: job.results["metrics"][pair].get(metric) for job in jobs if job.results["method"] == "lora"
-            for pair in job.results["pairs"]}
+    lora: dict[str, list[float]] = defaultdict(list)
+    for job in jobs:
+        if job.results["method"] == "lora":
+            for pair in job.results["pairs"]:
+                if (value := job.value(pair, metric)) is not None:
+                    lora[pair].append(value)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for pair, pts in sorted(points.items()):
-        xs, ys = zip(*sorted(pts), strict=True)
-        line, = ax.plot(xs, ys, marker="o", label=f"LaDM {pair}")
-        if lora.get(pair) is not None:
-            ax.axhline(lora[pair], color=line.get_color(), linestyle="--", linewidth=0.8, label=f"LoRA {pair}")
-    ax.set_xlabel("modulation strength s (α = β)")
-    ax.set_ylabel(METRICS[metric])
-    ax.legend(fontsize=7)
+    pairs = sorted(points, key=list(dict.fromkeys(p for job in jobs for p in job.results["pairs"])).index)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 3.2), squeeze=False, sharey=True)
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        xs = sorted(points[pair])
+        means = [statistics.fmean(points[pair][x]) for x in xs]
+        stds = [statistics.stdev(points[pair][x]) if len(points[pair][x]) > 1 else 0.0 for x in xs]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label="LaDM")
+        if lora.get(pair):
+            ax.axhline(statistics.fmean(lora[pair]), color="grey", linestyle="--", linewidth=0.8, label="LoRA")
+        ax.set_title(pair)
+        ax.set_xlabel("strength s (α = β)")
+    axes[0][0].set_ylabel(METRICS[metric])
+    axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
     return True
 
@@ -322,15 +505,14 @@ def report(sweep_dir: Path, out_dir: Path | None = None, wandb_log: bool = True,
     """Write report.md, report.csv, report.tex and the plots; returns their paths."""
     jobs, failed = load_sweep(sweep_dir, test_set)
     label_rows(jobs)
-    paired_bootstrap(jobs)
     tables = build_tables(jobs)
     out_dir = out_dir or sweep_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(tables, failed, jobs)
     written = {"md": out_dir / "report.md", "csv": out_dir / "report.csv", "tex": out_dir / "report.tex"}
     write_text_atomic(written["md"], markdown)
-    write_text_atomic(written["csv"], to_csv(jobs))
-    write_text_atomic(written["tex"], to_latex(tables))
+    write_text_atomic(written["csv"], to_csv(tables))
+    write_text_atomic(written["tex"], to_latex(tables, str(jobs[0].config.get("name", "sweep"))))
     for table in tables:
         if plot_strength(jobs, table.metric, out_dir / f"strength_{table.metric}.png"):
             written[f"strength_{table.metric}"] = out_dir / f"strength_{table.metric}.png"

@@ -129,9 +129,10 @@ def test_cli_several_test_sets_and_the_report(tmp_path, cache_dir):
                                  *(["--test-set", test_set] if test_set else [])],
                                 cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
         assert report.returncode == 0, report.stderr[-2000:]
-        rows = [r for r in csv.DictReader((tmp_path / shown / "report.csv").open(encoding="utf-8")) if r["metric"] == "chrf++"]
-        assert [(r["method"], r["test_set"]) for r in rows] == [("zero_shot", shown)]
-        assert float(rows[0]["value"]) == pytest.approx(results["test_sets"][shown]["metrics"]["zh-km"]["chrf++"])
+        rows = [r for r in csv.DictReader((tmp_path / shown / "report.csv").open(encoding="utf-8"))
+                if r["metric"] == "chrf++" and r["column"] == "zh-km"]
+        assert [(r["row"], r["test_set"]) for r in rows] == [("zero_shot", shown)]
+        assert float(rows[0]["mean"]) == pytest.approx(results["test_sets"][shown]["metrics"]["zh-km"]["chrf++"])
 
 
 def test_cli_multirun_over_pairs(tmp_path, cache_dir):

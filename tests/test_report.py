@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -16,59 +17,112 @@ from ladm.report import main, report
 
 REFS = [f"the cat number {i} sat on mat {i % 7} today" for i in range(40)]
 GOOD = [r.replace("today", "now") for r in REFS]  # close to the references
+GOOD2 = [r.replace("mat", "rug") for r in REFS]  # close too, scored differently
 POOR = [f"dog {i}" for i in range(40)]  # far from them
+POOR2 = [f"dog {i} sat" for i in range(40)]
+CHRF_PP = CHRF(word_order=2)
+CHRF_PP.corpus_score(GOOD, [REFS])
+SIGNATURE = str(CHRF_PP.get_signature())
 
 
-def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-devtest", status="complete"):
+def chrf(hyps):
+    return CHRF_PP.corpus_score(hyps, [REFS]).score
+
+
+def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-devtest", status="complete", seed=1,
+             experiment="synthetic", job_num=None):
     job = root / name
     write_lines_atomic(job / "predictions" / test_set / f"{pair}.hyp", hyps)
     write_lines_atomic(job / "predictions" / test_set / f"{pair}.ref", REFS)
-    config = {"name": "synthetic", "model": {"name": "tiny-llama3"}, "method": {"name": method}, "pair": {"name": pair},
-              "logger": {"name": "none", "mode": "disabled"}}
+    if job_num is not None:
+        (job / ".hydra").mkdir(parents=True, exist_ok=True)
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {job_num}\n")
+    config = {"name": experiment, "model": {"name": "tiny-llama3"}, "method": {"name": method}, "pair": {"name": pair},
+              "train": {"seed": seed}, "logger": {"name": "none", "mode": "disabled"}}
     details = {}
     if strength is not None:
         config["strength"] = {"name": f"s{strength}", "alpha": strength, "beta": strength}
         details = {"pair": pair, "delta_r": [0.1, -0.2, 0.05, 0.0]}
     write_json_atomic(job / "results.json", {
         "status": status, "model": "tiny-llama3", "method": method, "pairs": [pair], "test_set": test_set,
-        "n_test": {pair: len(REFS)}, "metrics": {pair: {"chrf++": CHRF(word_order=2).corpus_score(hyps, [REFS]).score,
-                                                "spbleu": None}},
+        "n_test": {pair: len(REFS)}, "metrics": {pair: {"chrf++": chrf(hyps), "spbleu": None}},
+        "signatures": {"chrf++": SIGNATURE},
         "method_details": details, "config": config, "train": {"max_length": 300}, "max_new_tokens": {pair: 50},
         "truncated_train": {pair: {"count": 3, "of": 200, "share": 3 / 200}},
         "hit_generation_budget": {pair: {"count": 1, "of": len(REFS), "share": 1 / len(REFS)}}})
 
 
+# Per (method row, seed): the hypotheses of both pairs.
+SWEEP = {("lora", None, 1): POOR, ("lora", None, 2): POOR2, ("ladm", 1.0, 1): GOOD, ("ladm", 1.0, 2): GOOD2,
+         ("ladm", 0.5, 1): GOOD, ("ladm", 0.5, 2): POOR2, ("zero_shot", None, 1): POOR[:20] + GOOD[20:]}
+
+
 @pytest.fixture
 def sweep(tmp_path):
-    for pair in ("zh-lo", "zh-km"):
-        fake_job(tmp_path, f"lora-{pair}", "lora", pair, POOR)
-        fake_job(tmp_path, f"zs-{pair}", "zero_shot", pair, POOR[:20] + GOOD[20:])
-        for s, hyps in ((0.5, GOOD[:30] + POOR[30:]), (1.0, GOOD)):
-            fake_job(tmp_path, f"ladm-{s}-{pair}", "ladm", pair, hyps, strength=s)
+    num = 0
+    for pair in ("zh-km", "zh-lo"):  # run in this order: the columns follow it
+        for (method, strength, seed), hyps in SWEEP.items():
+            fake_job(tmp_path, f"{method}-{strength}-{pair}-{seed}", method, pair, hyps, strength=strength, seed=seed,
+                     job_num=num)
+            num += 1
     write_json_atomic(tmp_path / "broken" / "results.json", {"status": "failed", "error": "LadmError: out of memory"})
     return tmp_path
 
 
-def test_tables_match_independent_scores_and_mark_significance(sweep, capsys):
-    written = report(sweep, wandb_log=False)
-    rows = list(csv.DictReader(written["csv"].open()))
-    chrf = CHRF(word_order=2)
-    by_row = {(r["row"], r["pair"]): r for r in rows if r["metric"] == "chrf++"}
-    assert float(by_row[("ladm s1.0", "zh-lo")]["value"]) == pytest.approx(chrf.corpus_score(GOOD, [REFS]).score)
-    assert float(by_row[("ladm s1.0", "zh-km")]["p_value_vs_lora"]) < 0.05  # far better than LoRA
-    assert by_row[("lora", "zh-lo")]["p_value_vs_lora"] == ""  # the baseline itself
+def mean_std(a, b):
+    return (a + b) / 2, abs(a - b) / math.sqrt(2)
 
+
+def test_cells_are_seed_means_with_std_and_delta_against_lora_of_the_same_seeds(sweep, capsys):
+    written = report(sweep, wandb_log=False)
     markdown = written["md"].read_text()
-    good, poor = chrf.corpus_score(GOOD, [REFS]).score, chrf.corpus_score(POOR, [REFS]).score
-    assert f"| ladm s1.0 | {good:.2f}† | {good:.2f}† | {good:.2f} | {good - poor:+.2f} |" in markdown
-    hit = f"{100 / len(REFS):.1f}% (1/{len(REFS)})"
-    assert f"| lora | zh-km | 300 | 1.5% (3/200) | 50 | {hit} |" in markdown  # the length budgets and their cuts
-    assert f"| lora | {poor:.2f} | {poor:.2f} | {poor:.2f} | +0.00 |" in markdown
+    good, good2, poor, poor2 = chrf(GOOD), chrf(GOOD2), chrf(POOR), chrf(POOR2)
+    ladm_mean, ladm_std = mean_std(good, good2)
+    lora_mean, lora_std = mean_std(poor, poor2)
+    delta = ((good - poor) + (good2 - poor2)) / 2
+    delta_std = abs((good - poor) - (good2 - poor2)) / math.sqrt(2)
+    cell = f"**{ladm_mean:.2f} ± {ladm_std:.2f}†**"
+    assert f"| ladm s1.0 | {cell} | {cell} | **{ladm_mean:.2f} ± {ladm_std:.2f}** | {delta:+.2f} ± {delta_std:.2f} |" in markdown
+    lora = f"{lora_mean:.2f} ± {lora_std:.2f}"
+    assert f"| lora | {lora} | {lora} | {lora} | – |" in markdown  # the baseline: no dagger, no Δ
+    # s0.5 equals LoRA in seed 2: significant in one seed only, so no dagger.
+    half_mean, half_std = mean_std(good, poor2)
+    assert f"| ladm s0.5 | {half_mean:.2f} ± {half_std:.2f} | {half_mean:.2f} ± {half_std:.2f} |" in markdown
+    zero = chrf(POOR[:20] + GOOD[20:])  # one seed: against LoRA of seed 1 only
+    assert f"| zero_shot | {zero:.2f} (n=1)† | {zero:.2f} (n=1)† | {zero:.2f} (n=1) | {zero - poor:+.2f} |" in markdown
+    assert markdown.index("| zero_shot |") < markdown.index("| lora |") < markdown.index("| ladm s0.5 |")
+    assert "| method | zh-km | zh-lo | avg | Δ avg |" in markdown  # the sweep's order
+    assert "on flores200-devtest (40 sentences per pair)" in markdown and f"Signature: {SIGNATURE}" in markdown
+    assert "against lora in sacrebleu's paired bootstrap (1000 resamples) for every seed" in markdown
+    assert "mean ± sample std over 2 seeds" in markdown
     assert "spBLEU" not in markdown  # never measured, never shown
     assert "`broken`: LadmError: out of memory" in markdown
-    assert r"\begin{tabular}" in written["tex"].read_text() and r"$^\dagger$" in written["tex"].read_text()
+    hit = f"{100 / len(REFS):.1f}% (1/{len(REFS)})"
+    assert f"| lora | 2 | zh-km | 300 | 1.5% (3/200) | 50 | {hit} |" in markdown
+
+    rows = {(r["row"], r["column"]): r for r in csv.DictReader(written["csv"].open()) if r["metric"] == "chrf++"}
+    assert float(rows[("ladm s1.0", "zh-lo")]["mean"]) == pytest.approx(ladm_mean)
+    assert float(rows[("ladm s1.0", "zh-lo")]["std"]) == pytest.approx(ladm_std)
+    assert float(rows[("ladm s1.0", "avg")]["delta_avg_vs_baseline"]) == pytest.approx(delta)
+    assert float(rows[("ladm s1.0", "zh-km")]["p_value_max_over_seeds"]) < 0.05
+    assert float(rows[("ladm s0.5", "zh-km")]["p_value_max_over_seeds"]) > 0.05
+    assert rows[("zero_shot", "zh-lo")]["n"] == "1" and rows[("lora", "zh-lo")]["baseline"] == ""
+
+    tex = written["tex"].read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\label{tab:synthetic-chrfpp}" in tex
+    assert rf"\textbf{{{ladm_mean:.2f} $\pm$ {ladm_std:.2f}$^\dagger$}}" in tex
     assert written["strength_chrf++"].stat().st_size > 0 and written["delta_r"].stat().st_size > 0
     assert "ladm s0.5" in capsys.readouterr().out
+
+
+def test_ladm_at_strength_zero_is_the_baseline_without_lora(tmp_path):
+    for seed, (zero, one) in enumerate(((POOR, GOOD), (POOR2, GOOD2)), 1):
+        fake_job(tmp_path, f"s0-{seed}", "ladm", "zh-lo", zero, strength=0.0, seed=seed)
+        fake_job(tmp_path, f"s1-{seed}", "ladm", "zh-lo", one, strength=1.0, seed=seed)
+    markdown = report(tmp_path, wandb_log=False)["md"].read_text()
+    delta = ((chrf(GOOD) - chrf(POOR)) + (chrf(GOOD2) - chrf(POOR2))) / 2
+    assert f"{delta:+.2f}" in markdown.split("| ladm s1.0 |")[1].splitlines()[0]
+    assert "against ladm s0.0" in markdown
 
 
 def test_no_results_is_a_clear_error(tmp_path, capsys):
@@ -81,6 +135,12 @@ def test_no_results_is_a_clear_error(tmp_path, capsys):
 def test_mixed_test_sets_for_one_pair_are_refused(sweep):
     fake_job(sweep, "other", "lora", "zh-lo", POOR, test_set="ntrex128")
     with pytest.raises(LadmError, match="pair zh-lo was tested on different test sets"):
+        report(sweep, wandb_log=False)
+
+
+def test_two_experiments_in_one_folder_are_refused(sweep):
+    fake_job(sweep, "other", "lora", "zh-lo", POOR, experiment="another")
+    with pytest.raises(LadmError, match=r"several experiments \(another, synthetic\)"):
         report(sweep, wandb_log=False)
 
 
@@ -114,6 +174,6 @@ def test_report_on_a_real_tiny_sweep(tmp_path, cache_dir, files_overrides):
 def test_damaged_sweeps_are_one_line(sweep, damage, message):
     from ladm import LadmError
 
-    damage(sweep / "ladm-1.0-zh-lo")
+    damage(sweep / "ladm-1.0-zh-lo-1")
     with pytest.raises(LadmError, match=re.escape(message)):
         report(sweep, wandb_log=False)
