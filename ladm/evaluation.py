@@ -185,6 +185,7 @@ def record_test_results(results: dict, out_dir: Path, scorer: Scorer, evaluator:
     results["timings"] = {"total_s": time.perf_counter() - started, "eval_s": time.perf_counter() - eval_started,
                           "train_s": results.get("train", {}).get("seconds", 0.0)}
     write_json_atomic(out_dir / "results.json", results)  # before anything that talks to W&B
+    tracker.artifact("results", [out_dir / "results.json", out_dir / "predictions"])
     for s in test_sets:
         for pair, hypotheses in outputs[s.name].items():
             corpus = s.corpora[pair]

@@ -23,7 +23,7 @@ class Tracker:
 
             self.run = wandb.init(
                 project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.name,
-                name=f"{cfg.method.name}-{cfg.pair.name}-{cfg.model.name}", job_type=cfg.method.name,
+                name=out_dir.name, job_type=cfg.method.name,  # the job folder: its swept axes, unique in the sweep
                 config=OmegaConf.to_container(cfg, resolve=True), mode=cfg.logger.mode, dir=str(out_dir),
                 reinit="finish_previous", settings=wandb.Settings(silent=True),
                 id=resume_id, resume="allow" if resume_id else None,
@@ -51,6 +51,23 @@ class Tracker:
                 self.run.log({key: wandb.Table(columns=columns, data=rows)})
             except Exception as err:  # noqa: BLE001 - tracking must never stop a run
                 log.warning("W&B could not log %s: %s", key, err)
+
+    def artifact(self, kind: str, paths: list[Path]) -> None:
+        """Files and folders (results.json, predictions/) as one artifact of this run."""
+        if self.run is None:
+            return
+        import wandb
+
+        try:
+            artifact = wandb.Artifact(f"{kind}-{self.run.id}", type=kind)
+            for path in paths:
+                if path.is_dir():
+                    artifact.add_dir(str(path), name=path.name)
+                elif path.is_file():
+                    artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+        except Exception as err:  # noqa: BLE001 - tracking must never stop a run
+            log.warning("W&B could not log the %s artifact: %s", kind, err)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:

@@ -55,6 +55,16 @@ def _batches(loader: DataLoader, sampler: DistributedSampler, consumed: int = 0)
         epoch, skip = epoch + 1, 0
 
 
+def learning_rates(base_lr: float, group_base_lrs: list[float], current: list[float], optimizer) -> dict[str, float]:
+    """`train/lr`: the configured lr under the schedule; with several parameter groups (LaDM's per-layer
+    rates), each group's own rate as `train/lr/<group name>`."""
+    rates = {"train/lr": base_lr * current[0] / group_base_lrs[0] if group_base_lrs[0] else base_lr}
+    if len(current) > 1:
+        rates |= {f"train/lr/{group.get('name', i)}": lr for i, (group, lr) in enumerate(zip(optimizer.param_groups, current,
+                                                                                             strict=True))}
+    return rates
+
+
 def fit(
     model: torch.nn.Module,
     method: Method,
@@ -114,6 +124,7 @@ def fit(
 
     trained = trained_parameters(model, optimizer)
     first_step, losses = 1, []
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before the schedule scales them
     if resume is not None:
         if set(resume["trainable"]) != set(trained):
             raise LadmError("the checkpoint's trained tensors do not match this method's: start over with "
@@ -182,7 +193,9 @@ def fit(
         losses.append(mean_loss)
         progress.set_postfix(loss=f"{mean_loss:.3f}")
         if log_now:
-            tracker.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], **metrics}, step=step)
+            window = losses[-(step - (step - 1) // train_cfg.log_every * train_cfg.log_every):]
+            tracker.log({"train/loss": sum(window) / len(window), "train/loss_step": mean_loss,
+                         **learning_rates(train_cfg.lr, base_lrs, scheduler.get_last_lr(), optimizer), **metrics}, step=step)
         if on_eval is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.max_steps:
             on_eval(step)
             model.train()

@@ -2,18 +2,21 @@
 
 import json
 
+import pytest
+
 from wandb.proto import wandb_internal_pb2
 from wandb.sdk.internal.datastore import DataStore
 
 from ladm.train import run
 
 
-def read_wandb_records(run_dir) -> tuple[list[dict], dict, dict]:
-    """History rows, the summary and the config of an offline run, decoded from its protobuf log."""
+def read_wandb_records(run_dir) -> tuple[list[dict], dict, dict, dict]:
+    """History rows, the summary, the config and (run name, artifacts) of an offline run, decoded from its
+    protobuf log."""
     (log_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     store = DataStore()
     store.open_for_scan(str(log_file))
-    history, summary, config = [], {}, {}
+    history, summary, config, other = [], {}, {}, {"artifacts": [], "name": None}
     while (data := store.scan_data()) is not None:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
@@ -25,21 +28,51 @@ def read_wandb_records(run_dir) -> tuple[list[dict], dict, dict]:
         elif kind in ("config", "run"):
             items = record.config.update if kind == "config" else record.run.config.update
             config |= {item.key: json.loads(item.value_json) for item in items}
-    return history, summary, config
+            if kind == "run":
+                other["name"] = record.run.display_name
+        elif kind == "artifact":
+            other["artifacts"].append((record.artifact.type, [entry.path for entry in record.artifact.manifest.contents]))
+    return history, summary, config, other
 
 
 def test_offline_wandb_run_holds_loss_lr_and_metrics(make_cfg, files_overrides, tmp_path):
     cfg = make_cfg("logger=wandb", "name=wandb-test", "train.max_steps=4", "train.log_every=1", "train.eval_every=2",
                    "eval.max_new_tokens=8", *files_overrides)
     results = run(cfg, tmp_path)
-    history, summary, config = read_wandb_records(tmp_path)
+    history, summary, config, other = read_wandb_records(tmp_path)
     losses = [row["train/loss"] for row in history if "train/loss" in row]
-    assert losses == results["losses"]
+    assert losses == results["losses"]  # train.log_every=1: the window is one step
     assert all("train/lr" in row for row in history if "train/loss" in row)
-    assert summary["zh-lo/chrf++"] == results["metrics"]["zh-lo"]["chrf++"]
+    assert summary["files/zh-lo/chrf++"] == results["metrics"]["zh-lo"]["chrf++"]
     periodic = [row for row in history if "validation/zh-lo/chrf++" in row]
     assert len(periodic) == 1  # at step 2 (train.eval_every), on the held-out validation slice
     assert periodic[0]["validation/zh-lo/chrf++"] == results["validation"]["zh-lo"]["chrf++"]
-    assert [row["test/zh-lo/chrf++"] for row in history if "test/zh-lo/chrf++" in row] == [results["metrics"]["zh-lo"]["chrf++"]]
-    assert any(row.get("samples/zh-lo/_type") == "table-file" for row in history)  # the samples table
+    assert [row["files/zh-lo/chrf++"] for row in history if "files/zh-lo/chrf++" in row] == [results["metrics"]["zh-lo"]["chrf++"]]
+    assert any(row.get("samples/files/zh-lo/_type") == "table-file" for row in history)  # the samples table
     assert config["method"]["name"] == "lora" and config["name"] == "wandb-test"
+    assert other["name"] == tmp_path.name  # the job folder: in a sweep, its swept axes
+    (paths,) = [paths for kind, paths in other["artifacts"] if kind == "results"]
+    assert {"results.json", "predictions/files/zh-lo.hyp", "predictions/files/zh-lo.src"} <= set(paths)
+
+
+def test_loss_is_averaged_over_the_logging_window_and_every_layer_rate_is_logged(make_cfg, files_overrides, tmp_path):
+    """LaDM (step mode): `train/lr` is the configured rate under the schedule, `train/lr/layerK` each layer's
+    modulated rate; `train/loss` is the mean of the steps since the last log."""
+    cfg = make_cfg("method=ladm", "method.mode=step", "strength=s1", "logger=wandb", "train.max_steps=5",
+                   "train.log_every=2", "train.scheduler=constant", "train.warmup_ratio=0", "train.lr=3e-4",
+                   "probe.n_sentences=4", "eval.max_new_tokens=4", *files_overrides)
+    results = run(cfg, tmp_path)
+    history, *_ = read_wandb_records(tmp_path)
+    logged = [row for row in history if "train/loss" in row]
+    steps = [row["_step"] for row in logged]
+    assert steps == [2, 4, 5]
+    windows = [results["losses"][0:2], results["losses"][2:4], results["losses"][4:5]]
+    assert [row["train/loss"] for row in logged] == pytest.approx([sum(w) / len(w) for w in windows])
+    assert [row["train/loss_step"] for row in logged] == pytest.approx([results["losses"][s - 1] for s in steps])
+    multipliers = results["method_details"]["multipliers"]
+    for row in logged:
+        assert row["train/lr"] == pytest.approx(3e-4)
+        for layer, multiplier in enumerate(multipliers):
+            if f"train/lr/layer{layer}" in row:
+                assert row[f"train/lr/layer{layer}"] == pytest.approx(3e-4 * multiplier)
+    assert len([k for k in logged[0] if k.startswith("train/lr/layer")]) == sum(m != 0 for m in multipliers)

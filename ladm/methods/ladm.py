@@ -155,7 +155,7 @@ class LaDM(LoRA):
         if self.cfg.method.mode != "step":
             return super().param_groups(model, lr, weight_decay)
         return [{"params": params, "lr": lr * (1.0 if layer is None else self.multipliers[layer]),
-                 "weight_decay": weight_decay, "layer": layer}
+                 "weight_decay": weight_decay, "layer": layer, "name": "other" if layer is None else f"layer{layer}"}
                 for layer, params in sorted(self.params_by_layer.items(), key=lambda kv: kv[0] or -1)]
 
     def after_backward(self, model: torch.nn.Module) -> None:
