@@ -15,14 +15,14 @@ ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create $(VENV) and install ladm[dev,slurm] (torch first, then the versions of requirements.lock)
+install: $(STAMP) ## create $(VENV) and install ladm[dev,slurm,optuna] (torch first, then the versions of requirements.lock)
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) freeze | grep -i '^torch==' > $(CONSTRAINTS)
 	grep -iv '^torch==' requirements.lock >> $(CONSTRAINTS)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,slurm]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,slurm,optuna]"
 	$(PIP) check
 	touch $(STAMP)
 

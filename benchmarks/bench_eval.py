@@ -46,7 +46,7 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval()
     corpus = read_split(cfg.data.test).head(args.sentences)
-    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg)
     prompts = fmt.prompt_ids(corpus.src, cfg.pair)
     stop_ids = fmt.stop_ids(model.generation_config)
 

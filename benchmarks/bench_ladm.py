@@ -71,7 +71,7 @@ def main() -> None:
     cfg = cfgs["lora"]
     tokenizer = load_tokenizer(cfg.model)
     corpus = read_split(cfg.data.train).head(args.batch_size * args.steps)
-    examples = SequenceFormat.from_cfg(tokenizer, cfg.model).encode(corpus, cfg.pair)
+    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(corpus, cfg.pair)
     batches = [{k: v.to(device) for k, v in collate(examples[i:i + args.batch_size],
                tokenizer.pad_token_id).items()} for i in range(0, len(examples), args.batch_size)]
     runs = {name: build(c, tokenizer, device) for name, c in cfgs.items()}

@@ -37,7 +37,7 @@ def measure(variant: str, model_name: str, batch_size: int) -> dict:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={model_name}", "method=lora", "pair=zh-my"])
     tokenizer = load_tokenizer(cfg.model)
-    examples = SequenceFormat.from_cfg(tokenizer, cfg.model).encode(read_split(cfg.data.train).head(batch_size), cfg.pair)
+    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(batch_size), cfg.pair)
     batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
     model = build_method(cfg).prepare_model(load_model(cfg.model, tokenizer).to(device), tokenizer)
     start = time.perf_counter()

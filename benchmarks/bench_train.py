@@ -57,7 +57,7 @@ def setup(model_name: str, batch_size: int, steps: int, group: bool = False):
                                            "train.warmup_ratio=0", "train.scheduler=constant", "method.dropout=0.0",
                                            f"train.group_by_length={str(group).lower()}"])
     tokenizer = load_tokenizer(cfg.model)
-    examples = SequenceFormat.from_cfg(tokenizer, cfg.model).encode(read_split(cfg.data.train), cfg.pair)
+    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train), cfg.pair)
     examples, _ = truncate(examples, 1024)
     return cfg, tokenizer, examples
 

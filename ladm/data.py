@@ -59,25 +59,55 @@ def _check_nonempty(lines: list[str], path: str) -> None:
         raise LadmError(f"{len(empty)} empty line(s) in {path} at line(s) {shown}: remove or fill them")
 
 
-def _json_records(path: str, src_key: str, tgt_key: str) -> ParallelCorpus:
-    """JSONL: one object per line whose `src_key` and `tgt_key` are non-empty strings."""
+def _field(record: dict, key: str) -> object:
+    """`record[key]`, where a dotted key reaches into nested objects (`translation.zh`)."""
+    value: object = record
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _records(records, where: str, src_key: str, tgt_key: str, unit: str = "line") -> ParallelCorpus:
+    """Parallel sentences from objects whose `src_key` and `tgt_key` (dotted for nested) are non-empty strings."""
     src, tgt = [], []
+    for number, record in records:
+        if not isinstance(record, dict):
+            raise LadmError(f"{where} {unit} {number} is a JSON {type(record).__name__}, not an object with "
+                            f"'{src_key}' and '{tgt_key}'")
+        values = [_field(record, src_key), _field(record, tgt_key)]
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            raise LadmError(f"{where} {unit} {number} lacks a non-empty string '{src_key}' or '{tgt_key}' "
+                            f"(its keys: {', '.join(record)}; use a dotted key such as translation.zh for nested ones)")
+        src.append(values[0])
+        tgt.append(values[1])
+    if not src:
+        raise LadmError(f"{where} holds no records")
+    return ParallelCorpus(src, tgt)
+
+
+def _json_lines(path: str):
+    """(line number, object) for each non-empty line of a JSONL file."""
     for number, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise LadmError(f"{path} line {number} is not JSON ({err.msg}): one object per line") from err
-        if not isinstance(record, dict):
-            raise LadmError(f"{path} line {number} is a JSON {type(record).__name__}, not an object with "
-                            f"'{src_key}' and '{tgt_key}'")
-        values = [record.get(src_key), record.get(tgt_key)]
-        if not all(isinstance(v, str) and v.strip() for v in values):
-            raise LadmError(f"{path} line {number} lacks a non-empty string '{src_key}' or '{tgt_key}'")
-        src.append(values[0])
-        tgt.append(values[1])
-    return ParallelCorpus(src, tgt)
+
+
+def _hf_dataset(split: DictConfig) -> ParallelCorpus:
+    """A Hugging Face `datasets` split: a hub id (cached, or fetched when online) or a builder with data_files."""
+    import datasets
+
+    where = f"dataset {split.dataset}" + (f" ({split.config})" if split.get("config") else "") + f", split {split.split}"
+    try:
+        rows = datasets.load_dataset(split.dataset, split.get("config"), split=split.split,
+                                     data_files=OmegaConf.to_container(split.data_files) if split.get("data_files") else None)
+    except Exception as err:  # noqa: BLE001 - any loading failure is one line naming the dataset
+        raise LadmError(f"could not load {where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                        "(check data.*.dataset/config/split; offline, the dataset must be in the datasets cache)") from err
+    return _records(enumerate(rows, 1), where, split.get("src_key", "src"), split.get("tgt_key", "tgt"), unit="record")
 
 
 def read_split(split: DictConfig) -> ParallelCorpus:
@@ -100,10 +130,12 @@ def read_split(split: DictConfig) -> ParallelCorpus:
             raise LadmError(f"{split.path}: line(s) {bad[:10]} are not 'source<TAB>target' with both sides non-empty")
         return ParallelCorpus([r[0] for r in rows], [r[1] for r in rows])
     if fmt == "jsonl":
-        return _json_records(split.path, split.get("src_key", "src"), split.get("tgt_key", "tgt"))
+        return _records(_json_lines(split.path), split.path, split.get("src_key", "src"), split.get("tgt_key", "tgt"))
+    if fmt == "hf":
+        return _hf_dataset(split)
     if fmt == "tmx":
         return _pivot_memories(Path(split.root), split.src_lang, split.tgt_lang, split.get("pivot", "en"))
-    raise LadmError(f"unknown data format '{fmt}': use text, tsv, jsonl or tmx")
+    raise LadmError(f"unknown data format '{fmt}': use text, tsv, jsonl, hf or tmx")
 
 
 def _tmx_segments(path: Path, lang: str) -> dict[str, str]:
@@ -196,9 +228,20 @@ def test_set_configs(pair_cfg: DictConfig) -> list[DictConfig]:
     return splits
 
 
-def render_prompt(src: str, pair_cfg: DictConfig) -> str:
-    """The shared prompt of METHODS.md §5 (before any chat template)."""
-    return PROMPT.format(src_name=pair_cfg.src.name, tgt_name=pair_cfg.tgt.name, src=src)
+def render_prompt(src: str, pair_cfg: DictConfig, template: str = PROMPT) -> str:
+    """The prompt of METHODS.md §5 (conf/prompt/default.yaml; `prompt.template`), before any chat template."""
+    return template.format(src_name=pair_cfg.src.name, tgt_name=pair_cfg.tgt.name, src=src)
+
+
+def check_prompt_template(template: str) -> None:
+    """A template must place the source ({src}) and may name the languages ({src_name}, {tgt_name})."""
+    import string
+
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    unknown = fields - {"src", "src_name", "tgt_name"}
+    if unknown or "src" not in fields:
+        raise LadmError(f"prompt.template must contain {{src}} and may use {{src_name}} and {{tgt_name}}, got "
+                        f"{', '.join('{' + f + '}' for f in sorted(unknown)) or 'no {src}'}: fix conf/prompt or the override")
 
 
 @dataclass
@@ -221,16 +264,21 @@ class SequenceFormat:
     `<|eot_id|>`, Qwen2.5 `<|im_end|>`, Gemma-2 `<end_of_turn>`).
     """
 
-    def __init__(self, tokenizer, chat_template: bool = False, template_kwargs: dict | None = None):
+    def __init__(self, tokenizer, chat_template: bool = False, template_kwargs: dict | None = None,
+                 prompt: str = PROMPT):
+        check_prompt_template(prompt)
+        self.prompt = prompt
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.template_kwargs = dict(template_kwargs or {})
         self.end_id = self._end_of_turn() if chat_template else tokenizer.eos_token_id
 
     @classmethod
-    def from_cfg(cls, tokenizer, model_cfg: DictConfig) -> SequenceFormat:
-        kwargs = model_cfg.get("chat_template_kwargs")
-        return cls(tokenizer, model_cfg.chat_template, None if kwargs is None else OmegaConf.to_container(kwargs, resolve=True))
+    def from_cfg(cls, tokenizer, cfg: DictConfig) -> SequenceFormat:
+        """From the composed config: `model.chat_template(_kwargs)` and `prompt.template`."""
+        kwargs = cfg.model.get("chat_template_kwargs")
+        return cls(tokenizer, cfg.model.chat_template, None if kwargs is None else OmegaConf.to_container(kwargs, resolve=True),
+                   cfg.prompt.template)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
@@ -252,7 +300,7 @@ class SequenceFormat:
         return closing[0]
 
     def prompt_texts(self, sources: list[str], pair_cfg: DictConfig) -> list[str]:
-        prompts = [render_prompt(src, pair_cfg) for src in sources]
+        prompts = [render_prompt(src, pair_cfg, self.prompt) for src in sources]
         if self.chat_template:
             prompts = [self._render([{"role": "user", "content": p}], True) for p in prompts]
         return prompts
@@ -270,7 +318,7 @@ class SequenceFormat:
             return [ids + [self.end_id] for ids in answers]
         texts = []
         for src, tgt in zip(sources, targets, strict=True):
-            user = [{"role": "user", "content": render_prompt(src, pair_cfg)}]
+            user = [{"role": "user", "content": render_prompt(src, pair_cfg, self.prompt)}]
             prompt = self._render(user, True)
             texts.append(self._render(user + [{"role": "assistant", "content": tgt}], False)[len(prompt):])
         answers = self.tokenizer(texts, add_special_tokens=False).input_ids

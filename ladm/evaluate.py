@@ -112,7 +112,7 @@ def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, sta
     scorer = Scorer.preflight(cfg.eval)
 
     tokenizer = load_tokenizer(cfg.model)
-    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg)
     for eval_set in test_sets:
         eval_set.prompts = {name: fmt.prompt_ids(corpus.src, pair_cfgs[name].pair) for name, corpus in eval_set.corpora.items()}
     all_prompts = {name: [p for s in test_sets for p in s.prompts[name]] for name in pair_cfgs}

@@ -89,7 +89,7 @@ FLOAT_POS, FLOAT_NONNEG = Rule("float", low=0, low_open=True), Rule("float", low
 UNIT = Rule("float", low=0, high=1)
 STR, BOOL = Rule("str"), Rule("bool")
 SCHEDULERS = tuple(s.value for s in SchedulerType)
-SPLIT = {"format": Rule("str", choices=("text", "tsv", "jsonl", "tmx"))}
+SPLIT = {"format": Rule("str", choices=("text", "tsv", "jsonl", "hf", "tmx"))}
 TEST_SETS = tuple(sorted(p.stem for p in (CONFIG_DIR / "test_set").glob("*.yaml")))
 
 COMMON: dict[str, Rule] = {
@@ -99,7 +99,7 @@ COMMON: dict[str, Rule] = {
     "model.attn_implementation": Rule("str", choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3",
                                                       "flex_attention")),
     "model.chat_template_kwargs": Rule("dict", nullable=True), "model.random_init": Rule("dict", nullable=True),
-    "pair.name": STR, "pair.src.name": STR, "pair.tgt.name": STR,
+    "prompt.name": STR, "prompt.template": STR, "pair.name": STR, "pair.src.name": STR, "pair.tgt.name": STR,
     "data.name": STR, "data.max_train_samples": Rule("int", low=1, nullable=True), "data.validation_size": INT_NONNEG,
     **{f"data.{split}.{k}": rule for split in ("train", "test") for k, rule in SPLIT.items()},
     "eval.max_samples": Rule("int", low=1, nullable=True), "eval.batch_size": Rule("int", low=1, auto=True),
@@ -158,7 +158,7 @@ METHOD: dict[str, dict[str, Rule]] = {
         "method.general_ratio": UNIT, "method.partition": UNIT, "method.routing": Rule("str", choices=("gate", "none")),
         "method.units": Rule("str", choices=("split", "general", "all"))},
 }
-DATA_FILES = {"text": ("src", "tgt"), "tsv": ("path",), "jsonl": ("path",), "tmx": ("root",)}
+DATA_FILES = {"text": ("src", "tgt"), "tsv": ("path",), "jsonl": ("path",), "hf": ("dataset", "split"), "tmx": ("root",)}
 
 
 def _value(cfg: DictConfig, key: str) -> Any:

@@ -86,7 +86,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     resume = resume_state(cfg, out_dir, dist, method.trains, fresh)
 
     tokenizer = load_tokenizer(cfg.model)
-    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg)
     train_examples = {name: fmt.encode(train_corpora[name], c.pair) for name, c in pair_cfgs.items()}
     for eval_set in (validation, *test_sets):
         eval_set.prompts = {name: fmt.prompt_ids(corpus.src, pair_cfgs[name].pair) for name, corpus in eval_set.corpora.items()}

@@ -17,7 +17,7 @@ def test_prompt_matches_methods_md(make_cfg):
 
 def test_long_answers_are_truncated_and_counted(make_cfg):
     cfg = make_cfg()
-    fmt = SequenceFormat.from_cfg(load_tokenizer(cfg.model), cfg.model)
+    fmt = SequenceFormat.from_cfg(load_tokenizer(cfg.model), cfg)
     examples = fmt.encode(ParallelCorpus(["你好", "你好"], ["ສະບາຍດີ", "ສະບາຍດີ " * 50]), cfg.pair)
     cut_examples, cut = truncate(examples, 40)
     assert cut == [False, True]
@@ -26,7 +26,7 @@ def test_long_answers_are_truncated_and_counted(make_cfg):
 
 def test_prompt_longer_than_max_length_is_an_error(make_cfg):
     cfg = make_cfg()
-    fmt = SequenceFormat.from_cfg(load_tokenizer(cfg.model), cfg.model)
+    fmt = SequenceFormat.from_cfg(load_tokenizer(cfg.model), cfg)
     with pytest.raises(LadmError, match="raise train.max_length"):
         truncate(fmt.encode(ParallelCorpus(["你好" * 50], ["x"]), cfg.pair), 10)
 
@@ -108,3 +108,58 @@ def test_validation_is_a_fixed_held_out_slice_of_the_training_split(make_cfg):
     assert sorted(pairs(train) + pairs(valid)) == sorted(pairs(corpus))
     assert hold_out(corpus, 100, seed=0) == (train, valid)  # the same slice every time
     assert len(hold_out(corpus.head(40), 100, seed=0)[1]) == 8  # at most a fifth of a small corpus
+
+
+def test_prompt_is_a_config_group(make_cfg):
+    """The default template is METHODS.md §5's; another template reaches every sequence, plain or chat."""
+    from ladm.data import PROMPT
+
+    cfg = make_cfg("pair=zh-lo")
+    assert cfg.prompt.template == PROMPT
+    custom = make_cfg("pair=zh-lo", "prompt.template='{src_name} → {tgt_name}: {src} ='")
+    tokenizer = load_tokenizer(custom.model)
+    plain = SequenceFormat.from_cfg(tokenizer, custom).prompt_ids(["你好"], custom.pair)
+    assert plain == [tokenizer("Chinese → Lao: 你好 =").input_ids]
+    chat_cfg = make_cfg("pair=zh-lo", "model=tiny-qwen2.5", "model.chat_template=true",
+                        "prompt.template='{src_name} → {tgt_name}: {src} ='")
+    chat_tokenizer = load_tokenizer(chat_cfg.model)
+    expected = chat_tokenizer.apply_chat_template([{"role": "user", "content": "Chinese → Lao: 你好 ="}],
+                                                  add_generation_prompt=True, tokenize=True)
+    assert SequenceFormat.from_cfg(chat_tokenizer, chat_cfg).prompt_ids(["你好"], chat_cfg.pair) == [list(expected)]
+    for bad, message in (("'{source}'", "got {source}"), ("'no placeholder'", "got no {src}")):
+        with pytest.raises(LadmError, match=re.escape(message)):
+            SequenceFormat.from_cfg(tokenizer, make_cfg(f"prompt.template={bad}"))
+
+
+NESTED = [{"id": 1, "translation": {"zh": "一", "lo": "ໜຶ່ງ"}}, {"id": 2, "translation": {"zh": "二", "lo": "ສອງ"}}]
+
+
+def test_nested_jsonl_and_hugging_face_datasets(tmp_path):
+    """JSONL records with nested `translation.{src,tgt}`; the same file through `datasets.load_dataset`."""
+    from omegaconf import OmegaConf
+
+    path = tmp_path / "nested.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in NESTED), encoding="utf-8")
+    keys = {"src_key": "translation.zh", "tgt_key": "translation.lo"}
+    jsonl = read_split(OmegaConf.create({"format": "jsonl", "path": str(path), **keys}))
+    hf = read_split(OmegaConf.create({"format": "hf", "dataset": "json", "data_files": [str(path)], "split": "train",
+                                      **keys}))
+    assert jsonl == hf == ParallelCorpus(["一", "二"], ["ໜຶ່ງ", "ສອງ"])
+    with pytest.raises(LadmError, match=r"record 1 lacks a non-empty string 'translation.zh_Hans' .*its keys: id, translation"):
+        read_split(OmegaConf.create({"format": "hf", "dataset": "json", "data_files": [str(path)], "split": "train",
+                                     "src_key": "translation.zh_Hans", "tgt_key": "translation.lo"}))
+    with pytest.raises(LadmError, match="could not load dataset json, split validation"):
+        read_split(OmegaConf.create({"format": "hf", "dataset": "json", "data_files": [str(path)], "split": "validation",
+                                     **keys}))
+
+
+def test_debug_fast_preset():
+    from hydra import compose, initialize_config_dir
+
+    from ladm import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        default, cfg = compose("config"), compose("config", overrides=["debug=fast"])
+    assert default.logger.name == "wandb" and cfg.logger.name == "none"
+    assert cfg.train.max_steps == 2 and cfg.eval.metrics == ["chrf++"]
+    assert cfg.name == "debug" and cfg.data.validation_size == 0

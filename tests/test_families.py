@@ -32,7 +32,7 @@ PAIRS = ["zh-lo", "zh-km", "zh-my"]
 def family_format(make_cfg, family: str, chat: bool, pair: str = "zh-lo"):
     cfg = make_cfg(f"model={FAMILIES[family][0]}", f"model.chat_template={str(chat).lower()}", f"pair={pair}")
     tokenizer = load_tokenizer(cfg.model)
-    return cfg, tokenizer, SequenceFormat.from_cfg(tokenizer, cfg.model)
+    return cfg, tokenizer, SequenceFormat.from_cfg(tokenizer, cfg)
 
 
 @pytest.mark.parametrize("pair", PAIRS)

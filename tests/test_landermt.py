@@ -33,7 +33,7 @@ def setup(make_cfg):
         base = load_model(cfg.model, tokenizer)
         method = build_method(cfg)
         model = method.prepare_model(copy.deepcopy(base), tokenizer)
-        batch = collate(SequenceFormat.from_cfg(tokenizer, cfg.model).encode(read_split(cfg.data.train).head(2), cfg.pair),
+        batch = collate(SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(2), cfg.pair),
                         tokenizer.pad_token_id)
         return cfg, tokenizer, base, method, model, batch
     return _setup
@@ -84,7 +84,7 @@ def test_phi_of_ffn_units_equals_autograd_on_the_intermediate_activation(make_cf
     cfg = make_cfg()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
-    batch = collate(SequenceFormat.from_cfg(tokenizer, cfg.model).encode(read_split(cfg.data.train).head(3), cfg.pair),
+    batch = collate(SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(3), cfg.pair),
                     tokenizer.pad_token_id)
     mlp = decoder_layers(model)[2].mlp
     awareness = UnitAwareness({"layer2": (mlp.down_proj, ("in",))})
@@ -120,7 +120,7 @@ def test_a_step_on_one_pair_moves_only_its_units(setup, tmp_path):
     bit; the general and zh-lo slices and router move."""
     cfg, tokenizer, base, method, model, _ = setup("train.weight_decay=0.1", "train.max_steps=3", "train.batch_size=2",
                                                    "train.lr=1e-2", "train.warmup_ratio=0")
-    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg)
     examples = {"zh-lo": fmt.encode(read_split(cfg.data.train).head(6), cfg.pair)}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     fit(model, method, examples, tokenizer.pad_token_id, cfg.train, DistEnv(), Tracker(cfg, tmp_path, False), tmp_path)
@@ -143,7 +143,7 @@ def test_saved_state_reloads_to_the_same_hypotheses(make_cfg, files_overrides, t
     assert results["method_details"]["layers"] and (tmp_path / "adapter" / "landermt.safetensors").is_file()
     tokenizer = load_tokenizer(cfg.model)
     model = LANDeRMT.load(load_model(cfg.model, tokenizer), tmp_path / "adapter")
-    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg)
     for pair in ("zh-lo", "zh-km"):
         select_pair(model, pair)
         pair_cfg = pair_config(cfg, pair)

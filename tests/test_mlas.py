@@ -25,7 +25,7 @@ def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
     corpus = read_split(cfg.data.train).head(3)
-    batch = collate(SequenceFormat.from_cfg(tokenizer, cfg.model).encode(corpus, cfg.pair), tokenizer.pad_token_id)
+    batch = collate(SequenceFormat.from_cfg(tokenizer, cfg).encode(corpus, cfg.pair), tokenizer.pad_token_id)
     maps = linear_maps(decoder_layers(model)[1], ["q_proj", "down_proj"])
     awareness = UnitAwareness({name: (m, ("out", "in")) for name, m in maps.items()})
     with awareness:

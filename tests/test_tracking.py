@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from wandb.proto import wandb_internal_pb2
 from wandb.sdk.internal.datastore import DataStore
 
@@ -47,7 +46,8 @@ def test_offline_wandb_run_holds_loss_lr_and_metrics(make_cfg, files_overrides, 
     periodic = [row for row in history if "validation/zh-lo/chrf++" in row]
     assert len(periodic) == 1  # at step 2 (train.eval_every), on the held-out validation slice
     assert periodic[0]["validation/zh-lo/chrf++"] == results["validation"]["zh-lo"]["chrf++"]
-    assert [row["files/zh-lo/chrf++"] for row in history if "files/zh-lo/chrf++" in row] == [results["metrics"]["zh-lo"]["chrf++"]]
+    tested = [row["files/zh-lo/chrf++"] for row in history if "files/zh-lo/chrf++" in row]
+    assert tested == [results["metrics"]["zh-lo"]["chrf++"]]
     assert any(row.get("samples/files/zh-lo/_type") == "table-file" for row in history)  # the samples table
     assert config["method"]["name"] == "lora" and config["name"] == "wandb-test"
     assert other["name"] == tmp_path.name  # the job folder: in a sweep, its swept axes

@@ -36,7 +36,7 @@ def test_lora_loss_falls_and_adapter_reloads_with_same_generations(make_cfg, fil
     tok = load_tokenizer(cfg.model)
     reloaded = PeftModel.from_pretrained(load_model(cfg.model, tok), tmp_path / "adapter")
     prompts = [tok(render_prompt(s, cfg.pair)).input_ids for s in (tmp_path / "train.zh").read_text().splitlines()[:4]]
-    stop_ids = SequenceFormat.from_cfg(tok, cfg.model).stop_ids(reloaded.generation_config)
+    stop_ids = SequenceFormat.from_cfg(tok, cfg).stop_ids(reloaded.generation_config)
     assert translate(reloaded, tok, prompts, stop_ids, batch_size=2, max_new_tokens=24).hypotheses == hyps
 
 
@@ -105,7 +105,7 @@ def test_grouped_batches_cut_padding_and_split_like_one_big_batch(make_cfg):
 
     cfg = make_cfg("pair=zh-my")
     tokenizer = load_tokenizer(cfg.model)
-    lengths = [len(e.input_ids) for e in SequenceFormat.from_cfg(tokenizer, cfg.model).encode(
+    lengths = [len(e.input_ids) for e in SequenceFormat.from_cfg(tokenizer, cfg).encode(
         read_split(cfg.data.train).head(400), cfg.pair)]
 
     def padding_share(batches):
@@ -133,7 +133,7 @@ def test_generation_survives_out_of_memory_by_halving_the_batch(make_cfg):
     cfg = make_cfg()
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tok)
-    fmt = SequenceFormat.from_cfg(tok, cfg.model)
+    fmt = SequenceFormat.from_cfg(tok, cfg)
     prompts = fmt.prompt_ids(["你好", "今天天气很好。", "他在读书。", "一", "二"], cfg.pair)
     stop_ids = fmt.stop_ids(model.generation_config)
     expected = translate(model, tok, prompts, stop_ids, batch_size=2, max_new_tokens=3)

@@ -139,6 +139,7 @@ def probe_key(cfg: DictConfig) -> str:
         "pairs": [ref_cfg.pair.name, cfg.pair.name],
         "probe": {k: cfg.probe[k] for k in ("split", "n_sentences", "input", "tokens")},
         "sequences": 2,  # how probe inputs are built (2: the trainer's token sequences)
+        "prompt": cfg.prompt.template,
         "files": [OmegaConf.to_container(c.data[split], resolve=True) for c in (ref_cfg, cfg)],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -168,7 +169,7 @@ def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dic
         except LadmError as err:
             log.warning("%s; measuring again", err)
     relevance = {}
-    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg)
     for name, pair_cfg in (("R_hi", ref_cfg), ("R_lo", cfg)):
         examples = probe_examples(pair_cfg, pair_cfg.pair.name, fmt)
         relevance[name] = layer_relevance(model, *relevance_inputs(examples, cfg.probe), tokenizer.pad_token_id,
@@ -220,7 +221,8 @@ def activation_disparity(r_hi: torch.Tensor, r_lo: torch.Tensor, normalisation: 
 def analysis_identity(cfg: DictConfig, pairs: list[str]) -> dict[str, Any]:
     """What `analysis_examples` depends on: the probe knobs, the training length budget and every pair's files
     (part of an analysis stage's cache key)."""
-    return {"probe": cfg.probe, "train": {k: cfg.train[k] for k in ("max_length", "length_coverage")},
+    return {"probe": cfg.probe, "prompt": cfg.prompt.template,
+            "train": {k: cfg.train[k] for k in ("max_length", "length_coverage")},
             "files": [pair_config(cfg, p).data[cfg.probe.split] for p in pairs]}
 
 

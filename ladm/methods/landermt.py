@@ -201,7 +201,7 @@ def analyse(cfg: DictConfig, model: nn.Module, tokenizer, k_layers: int) -> tupl
     """§4.1–4.3 on the base model: top-K layers by mean R over the pairs, FFN-unit Φ per pair, the split.
     Returns `layer{l}.general` / `layer{l}.specific.{pair}` unit indices and a JSON summary."""
     pairs = list(cfg.method.pairs)
-    fmt = SequenceFormat.from_cfg(tokenizer, cfg.model)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg)
     examples = analysis_examples(cfg, pairs, fmt, context_length(cfg.model))
     relevance = pair_relevance(model, examples, cfg.probe, tokenizer.pad_token_id)
     layers = top_layers(relevance, k_layers)
