@@ -14,7 +14,7 @@ CONFIG_DIR = REPO_ROOT / "conf"
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
 
 
-EXCLUDED_FROM_DIRNAME = ("experiment", "name", "logger", "logger.mode", "cache_dir", "force")
+EXCLUDED_FROM_DIRNAME = ("experiment", "hparams_search", "debug", "name", "logger", "logger.mode", "cache_dir", "force")
 FIRST_AXES = ("model", "method", "pair", "train.seed", "strength")  # then the rest, alphabetically
 
 

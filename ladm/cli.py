@@ -46,15 +46,29 @@ def _fail(prog: str, err: LadmError) -> None:
     sys.exit(2)
 
 
+def objective_value(objective: str | None, results: object) -> float | None:
+    """What a sweeper (Optuna) optimises: `objective` = `validation/<metric>`, the mean over the job's pairs."""
+    if objective is None:
+        return None
+    metric = objective.split("/", 1)[1]
+    validation = results.get("validation", {}) if isinstance(results, dict) else {}
+    scores = [by_pair.get(metric) for by_pair in validation.values()]
+    if not scores or any(s is None for s in scores):
+        return float("nan")  # Optuna records the trial as failed
+    return sum(scores) / len(scores)
+
+
 def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], object]) -> Callable[[], None]:
-    """`main()` for a console script: validate group names, compose `conf/<config_name>`, run `task`."""
+    """`main()` for a console script: validate group names, compose `conf/<config_name>`, run `task`; the job
+    returns `objective_value` to the sweeper."""
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
-    def hydra_main(cfg: DictConfig) -> None:
+    def hydra_main(cfg: DictConfig) -> float | None:
         hydra_cfg = HydraConfig.get()
         out_dir = Path(hydra_cfg.runtime.output_dir)
+        objective = cfg.get("objective")
         try:
-            task(cfg, out_dir)
+            return objective_value(objective, task(cfg, out_dir))
         except Exception as err:
             if hydra_cfg.mode != RunMode.MULTIRUN:
                 if isinstance(err, LadmError):
@@ -71,6 +85,7 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
                         "config": OmegaConf.to_container(cfg, resolve=False)})
                 except OSError as write_err:  # e.g. the disk is full: the sweep still goes on
                     log.error("could not record the failure of %s: %s", out_dir.name, write_err)
+            return objective_value(objective, None)
 
     def main() -> None:
         try:

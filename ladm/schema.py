@@ -94,6 +94,7 @@ TEST_SETS = tuple(sorted(p.stem for p in (CONFIG_DIR / "test_set").glob("*.yaml"
 
 COMMON: dict[str, Rule] = {
     "name": STR, "force": BOOL, "cache_dir": STR,
+    "objective": Rule("str", choices=("validation/chrf++", "validation/spbleu"), nullable=True),
     "model.name": STR, "model.path": STR, "model.chat_template": BOOL,
     "model.dtype": Rule("str", choices=("float32", "bfloat16", "float16")),
     "model.attn_implementation": Rule("str", choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3",
@@ -186,7 +187,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 # Keys that change where results go, what is logged or how often state is saved, not what is trained.
-RUN_ONLY_KEYS = ("name", "force", "cache_dir", "logger", "eval", "train.resume", "train.checkpoint_every",
+RUN_ONLY_KEYS = ("name", "force", "cache_dir", "logger", "eval", "objective", "train.resume", "train.checkpoint_every",
                  "train.keep_checkpoints", "train.log_every", "train.eval_every", "train.save_adapter")
 # Of those, the ones that change no number in results.json either (the eval settings do).
 NOT_IN_RESULTS = ("name", "force", "cache_dir", "logger", "train.resume", "train.checkpoint_every",

@@ -138,6 +138,8 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         if dist.is_main and cfg.train.save_adapter:
             method.save(model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
 
+    if cfg.objective is not None:
+        evaluate_validation(cfg.train.max_steps)  # the sweeper's objective, on the final weights
     eval_started = time.perf_counter()
     outputs = {eval_set.name: evaluator.translate(eval_set) for eval_set in test_sets}
     if not dist.is_main:
@@ -158,6 +160,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         "max_new_tokens": budgets.max_new_tokens,
         "truncated_train": truncated_train,
         "validation": validation_scores,
+        "objective": cfg.objective,
         "versions": versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
