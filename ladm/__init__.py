@@ -7,10 +7,13 @@ from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+# A checkout (or editable install) reads conf/, data/ and tests/assets/ beside the package; an installed
+# wheel reads the copies setup.py put into ladm/_shipped/ with the same layout.
+REPO_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "conf" / "config.yaml").is_file() else PACKAGE_DIR / "_shipped"
 CONFIG_DIR = REPO_ROOT / "conf"
 
-# `${repo_root:}` in conf/ points at the checkout, so shipped data resolves from any cwd.
+# `${repo_root:}` in conf/ points at that root, so shipped data resolves from any cwd.
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ladm import REPO_ROOT
 from ladm.data import ParallelCorpus, read_split, share, test_set_configs
 from ladm.distributed import DistEnv
 from ladm.files import write_json_atomic, write_lines_atomic
@@ -33,9 +35,23 @@ log = logging.getLogger(__name__)
 VERSIONED = ("torch", "transformers", "peft", "sacrebleu", "unbabel-comet", "hydra-core", "wandb", "ladm")
 
 
-def versions() -> dict[str, str]:
-    """The versions of the packages a result depends on, for results.json."""
-    return {name: version(name) for name in VERSIONED} | {"python": platform.python_version()}
+def versions() -> dict[str, object]:
+    """The versions of the packages a result depends on, and the checkout's git commit, for results.json."""
+    return {name: version(name) for name in VERSIONED} | {"python": platform.python_version(),
+                                                          "ladm_source": source_revision()}
+
+
+def source_revision() -> dict[str, object] | None:
+    """The git commit of the checkout ladm runs from and whether it has uncommitted changes to tracked files;
+    None for an installed wheel (its version says what it is)."""
+    if not (REPO_ROOT / ".git").exists():
+        return None
+    try:
+        git = lambda *args: subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,  # noqa: E731
+                                           check=True, timeout=60).stdout.strip()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 @dataclass
