@@ -25,17 +25,18 @@ def test_wheel_in_a_fresh_venv_runs_from_any_directory(tmp_path):
             shipped + "data/flores200/devtest/lao_Laoo.devtest", shipped + "data/tico19/all.en-km.tmx.zip",
             shipped + "tests/assets/llama3/tokenizer.json"} <= names
 
-    # A fresh venv with ladm from the wheel; its dependencies are this environment's (a .pth line, which does
-    # not load this environment's editable install of ladm).
+    # A fresh venv with ladm from the wheel. Its dependencies are then this environment's, through a .pth line
+    # written *after* the install (pip would otherwise see this environment's ladm and uninstall it; a path
+    # added by a .pth line does not load this environment's editable install either).
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=False)
     python = fresh / "bin" / "python"
-    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
                               "-q", str(wheel)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-3000:]
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -55,6 +56,8 @@ def test_wheel_in_a_fresh_venv_runs_from_any_directory(tmp_path):
     for script in ("ladm-eval", "ladm-probe"):
         shown = subprocess.run([fresh / "bin" / script, "--help"], cwd=elsewhere, capture_output=True, text=True, env=env)
         assert shown.returncode == 0 and "ladm" in shown.stdout, shown.stderr[-2000:]
+    assert "ladm" in subprocess.run([sys.executable, "-m", "pip", "list"], capture_output=True, text=True).stdout, \
+        "this environment's own ladm is untouched"
 
 
 def test_a_checkout_records_its_git_commit():
