@@ -135,14 +135,20 @@ def test_cli_several_test_sets_and_the_report(tmp_path, cache_dir):
         assert float(rows[0]["mean"]) == pytest.approx(results["test_sets"][shown]["metrics"]["zh-km"]["chrf++"])
 
 
-def test_cli_multirun_over_pairs(tmp_path, cache_dir):
+def test_cli_multirun_over_run_folders(make_cfg, files_overrides, tmp_path, cache_dir):
+    """`ladm-eval -m` over sweep job folders, whose names hold '=' and ',': quoted as the README shows."""
+    runs = [tmp_path / "sweep" / f"method=zero_shot,seed={seed}" for seed in (1, 2)]
+    for seed, folder in enumerate(runs, 1):
+        train(make_cfg("method=zero_shot", f"train.seed={seed}", "eval.max_new_tokens=2", *files_overrides), folder)
+    quoted = ",".join(f"'{folder}'" for folder in runs)
     proc = subprocess.run(
-        [sys.executable, "-m", "ladm.evaluate", "-m", "pair=zh-lo,zh-km", "eval.max_samples=1", "eval.max_new_tokens=2",
-         "eval.metrics=[chrf++]", "logger=none", f"cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}"],
+        [sys.executable, "-m", "ladm.evaluate", "-m", f"evaluate.run={quoted}", "eval.max_new_tokens=3",
+         "logger=none", f"cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path / 'eval'}"],
         cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = {json.loads(p.read_text())["pairs"][0] for p in tmp_path.rglob("results.json")}
-    assert found == {"zh-lo", "zh-km"}
+    found = [json.loads(p.read_text()) for p in (tmp_path / "eval").rglob("results.json")]
+    assert sorted(r["evaluated"]["path"] for r in found) == sorted(map(str, runs))
+    assert all(r["max_new_tokens"] == {"zh-lo": 3} and r["status"] == "complete" for r in found)
 
 
 @pytest.mark.parametrize("args,message", [
