@@ -127,7 +127,7 @@ def test_ladm_end_to_end_probes_trains_and_saves_a_peft_adapter(make_cfg, files_
 
     from test_tracking import read_wandb_records
 
-    history, _, config = read_wandb_records(tmp_path / "a")
+    history, _, config, _ = read_wandb_records(tmp_path / "a")
     assert {"grad_norm/tal", "grad_norm/lil", "grad_norm/other"} <= set(history[0])
     assert config["method_details"]["multipliers"] == details["multipliers"]
 

@@ -31,8 +31,9 @@ def test_wheel_in_a_fresh_venv_runs_from_any_directory(tmp_path):
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=False)
     python = fresh / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-                              "-q", str(wheel)], capture_output=True, text=True)
+                              "--ignore-installed", "-q", str(wheel)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert install.returncode == 0, install.stderr[-3000:]
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
@@ -40,7 +41,6 @@ def test_wheel_in_a_fresh_venv_runs_from_any_directory(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     where = subprocess.run([python, "-c", "import ladm; print(ladm.__file__)"], cwd=elsewhere, capture_output=True,
                            text=True, env=env)
     assert where.stdout.startswith(str(fresh)), where.stdout + where.stderr
