@@ -336,8 +336,9 @@ def caption(table: Table) -> str:
     size = f"{sizes[0]} sentences per pair" if len(sizes) == 1 else ", ".join(f"{p} {n}" for p, n in table.n_test.items())
     baselines = sorted({r.baseline for r in table.rows if r.baseline})
     n = _usual_n(table)
-    text = (f"{METRICS[table.metric]} on {table.test_set} ({size}); mean ± sample std over {n} seed{'s' * (n > 1)} "
-            "(other counts marked n=); best mean per column in bold.")
+    spread = f"mean ± sample std over {n} seeds" if n > 1 else "one seed per cell"
+    text = (f"{METRICS[table.metric]} on {table.test_set} ({size}); {spread} (other counts marked n=); "
+            "best mean per column in bold.")
     if baselines:
         text += (f" Δ: the average's difference to {' / '.join(baselines)} (same model, seeds in common).")
         if table.metric in BOOTSTRAPPED:
@@ -523,7 +524,7 @@ def report(sweep_dir: Path, out_dir: Path | None = None, wandb_log: bool = True,
     print(markdown)
     skipped = {m: reason for job in jobs for m, reason in job.results.get("skipped", {}).items()}
     for metric, reason in skipped.items():
-        print(f"{metric} not reported: {reason}")
+        print(f"{metric} not reported: {reason} (ladm-fetch-metrics fetches it; see README, Metrics)")
     return written
 
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from ladm import CONFIG_DIR
 
-GROUPS = ["model", "pair", "method", "data", "train", "eval", "logger"]
+GROUPS = ["model", "pair", "method", "data", "train", "eval", "logger", "prompt", "strength", "probe"]
 LADM_PAIRS = ["zh-lo", "zh-km", "zh-my", "zh-th", "zh-vi", "zh-id", "zh-ms", "zh-en"]
 
 
@@ -20,7 +20,7 @@ def test_every_option_composes(make_cfg, group):
     for option in options(group):
         cfg = make_cfg(f"{group}={option}")
         assert option.startswith(cfg[group].get("name", option))  # presets such as mlas_lora-R-i keep their method name
-        if group != "data":  # files/ntrex128 have mandatory paths to fill
+        if group != "data" or option != "files":  # data=files has mandatory paths to fill
             OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -29,6 +29,18 @@ def test_shipped_flores_files_exist_for_ladm_pairs(make_cfg, pair):
     cfg = make_cfg(f"pair={pair}")
     for split in (cfg.data.train, cfg.data.test):
         assert Path(split.src).is_file() and Path(split.tgt).is_file()
+
+
+@pytest.mark.parametrize("pair", LADM_PAIRS[:-1])
+def test_shipped_test_sets_cover_the_ladm_pairs(make_cfg, pair):
+    """FLORES-200 and NTREX-128 for all seven zh→X pairs, TICO-19 for the five it has (no lo, th, vi)."""
+    from ladm.data import read_split, test_set_configs
+
+    cfg = make_cfg(f"pair={pair}", "eval.test_sets=[flores200,ntrex128]")
+    assert [len(read_split(split)) for split in test_set_configs(cfg)] == [1012, 1997]
+    if pair.split("-")[1] not in ("lo", "th", "vi"):
+        (tico,) = test_set_configs(make_cfg(f"pair={pair}", "eval.test_sets=[tico19]"))
+        assert len(read_split(tico)) == 3071
 
 
 def test_names_relied_on_exist(make_cfg):

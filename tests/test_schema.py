@@ -58,7 +58,7 @@ def test_each_key_refuses_a_bad_value(make_cfg, method, key, rule):
     (["eval.metrics=[]"], "eval.metrics must be a non-empty list of chrf++ | spbleu | comet, got []"),
     (["train.max_length=auto"], None),
     (["data=files"], "data.train.src cannot be resolved"),
-    (["data=ntrex128"], "cannot be resolved"),
+    (["data=ntrex128", "data.ntrex_root=???"], "cannot be resolved"),
     (["train.lr=inf"], "train.lr must be a positive number, got inf"),
 ])
 def test_reported_cases(make_cfg, overrides, message):
