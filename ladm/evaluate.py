@@ -14,11 +14,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ladm import CONFIG_DIR, LadmError
-from ladm.checkpoint import RunFolderLock
 from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, training_data
 from ladm.distributed import DistEnv
-from ladm.evaluation import Evaluator, completed_results, read_test_sets, record_test_results, versions
+from ladm.evaluation import Evaluator, read_test_sets, record_test_results, run_once, versions
 from ladm.files import read_json
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
@@ -89,17 +88,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(dist.broadcast(str(out_dir)))
     cfg, evaluated = what_to_evaluate(cfg)
     validate(cfg)
-    done, _ = dist.broadcast(completed_results(out_dir, config_hash(cfg)) if dist.is_main else None)
-    if done and not cfg.force:
-        log.info("skipping %s: results.json is complete for this config (force=true to evaluate again)", out_dir)
-        dist.close()
-        return done
-    lock = RunFolderLock(out_dir) if dist.is_main else None
-    try:
-        return evaluate(cfg, evaluated, out_dir, dist, started)
-    finally:
-        if lock is not None:
-            lock.release()
+    return run_once(cfg, out_dir, dist, lambda _: evaluate(cfg, evaluated, out_dir, dist, started))
 
 
 def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, started: float) -> dict:

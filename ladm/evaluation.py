@@ -24,11 +24,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ladm import REPO_ROOT
+from ladm.checkpoint import RunFolderLock
 from ladm.data import ParallelCorpus, read_split, share, test_set_configs
 from ladm.distributed import DistEnv
 from ladm.files import write_json_atomic, write_lines_atomic
 from ladm.generation import translate
 from ladm.metrics import Scorer, target_script_ratio
+from ladm.schema import config_hash
 from ladm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,22 @@ def completed_results(out_dir: Path, config_hash: str) -> tuple[dict | None, boo
                         results.get("config_hash"), config_hash)
             return None, True
     return None, False
+
+
+def run_once(cfg: DictConfig, out_dir: Path, dist: DistEnv, job: Callable[[bool], dict]) -> dict:
+    """The complete results.json in `out_dir` when it has this config's hash (and not `force=true`); otherwise
+    `job(fresh)` under the folder's lock, `fresh` when earlier results must not be resumed from."""
+    done, stale = dist.broadcast(completed_results(out_dir, config_hash(cfg)) if dist.is_main else None)
+    if done and not cfg.force:
+        log.info("skipping %s: results.json is complete for this config (force=true to run it again)", out_dir)
+        dist.close()
+        return done
+    lock = RunFolderLock(out_dir) if dist.is_main else None
+    try:
+        return job(cfg.force or stale)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _read_lines(path: Path) -> list[str]:

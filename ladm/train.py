@@ -14,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from ladm import LadmError
-from ladm.checkpoint import RunFolderLock, config_differences, load_latest, set_aside
+from ladm.checkpoint import config_differences, load_latest, set_aside
 from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, share, training_data, truncate
 from ladm.distributed import DistEnv
-from ladm.evaluation import EvalSet, Evaluator, completed_results, read_test_sets, record_test_results, score, versions
+from ladm.evaluation import EvalSet, Evaluator, read_test_sets, record_test_results, run_once, score, versions
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
 from ladm.metrics import Scorer
@@ -36,17 +36,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     dist = DistEnv.from_environment()
     out_dir = Path(dist.broadcast(str(out_dir)))  # every rank uses rank 0's run folder
     validate(cfg)  # the whole config, before anything is read
-    done, stale = dist.broadcast(completed_results(out_dir, config_hash(cfg)) if dist.is_main else None)
-    if done and not cfg.force:
-        log.info("skipping %s: results.json is complete for this config (force=true to run it again)", out_dir)
-        dist.close()
-        return done
-    lock = RunFolderLock(out_dir) if dist.is_main else None
-    try:
-        return train_and_evaluate(cfg, out_dir, dist, started, fresh=cfg.force or stale)
-    finally:
-        if lock is not None:
-            lock.release()
+    return run_once(cfg, out_dir, dist, lambda fresh: train_and_evaluate(cfg, out_dir, dist, started, fresh))
 
 
 def resume_state(cfg: DictConfig, out_dir: Path, dist: DistEnv, trains: bool, fresh: bool) -> dict | None:
