@@ -131,6 +131,7 @@ COMMON: dict[str, Rule] = {
     "train.checkpoint_every": INT_NONNEG, "train.keep_checkpoints": INT_POS,
     "train.resume": Rule("str", choices=("auto", "never")),
 }
+PHI_ESTIMATE = Rule("str", choices=("taylor", "abs"))  # METHODS.md §3.2
 LORA = {"method.r": INT_POS, "method.alpha": FLOAT_POS, "method.dropout": Rule("float", low=0, high=1, high_open=True),
         "method.target_modules": Rule("list", nonempty=True)}
 METHOD: dict[str, dict[str, Rule]] = {
@@ -144,7 +145,8 @@ METHOD: dict[str, dict[str, Rule]] = {
         "method.m_max": FLOAT_NONNEG, "method.mode": Rule("str", choices=("step", "grad", "forward"))},
     "mlas_lora": {
         "method.pairs": Rule("list", nonempty=True), "method.lambda": Rule("float", low=0, high=1, low_open=True),
-        "method.phi_norm": Rule("str", choices=("none", "per_pair")), "method.r_gen": INT_POS, "method.r_spe": INT_POS,
+        "method.phi_norm": Rule("str", choices=("none", "per_pair")), "method.phi_estimate": PHI_ESTIMATE,
+        "method.r_gen": INT_POS, "method.r_spe": INT_POS,
         "method.alpha": FLOAT_POS, "method.dropout": Rule("float", low=0, high=1, high_open=True),
         "method.target_modules": Rule("list", nonempty=True),
         "method.adapters": Rule("str", choices=("general+specific", "specific", "single")),
@@ -157,7 +159,7 @@ METHOD: dict[str, dict[str, Rule]] = {
         "method.pairs": Rule("list", nonempty=True), "method.k_layers": Rule("int", low=1, nullable=True),
         "method.split": Rule("str", choices=("lambda", "ratio")), "method.lambda": Rule("float", low=0, high=1, low_open=True),
         "method.general_ratio": UNIT, "method.partition": UNIT, "method.routing": Rule("str", choices=("gate", "none")),
-        "method.units": Rule("str", choices=("split", "general", "all"))},
+        "method.units": Rule("str", choices=("split", "general", "all")), "method.phi_estimate": PHI_ESTIMATE},
 }
 DATA_FILES = {"text": ("src", "tgt"), "tsv": ("path",), "jsonl": ("path",), "hf": ("dataset", "split"), "tmx": ("root",)}
 

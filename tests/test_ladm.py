@@ -33,10 +33,10 @@ def ladm_overrides(delta_r_file, mode="step", strength="s1"):
             "method.k_tal=1", "method.k_lil=1", f"strength={strength}", f"method.mode={mode}"]
 
 
-def trained_lora_weights(make_cfg, files_overrides, tmp_path, name, *overrides, steps=1):
-    """Adapter weights after `steps` optimizer steps (no dropout, no warm-up, no clipping)."""
+def trained_lora_weights(make_cfg, files_overrides, tmp_path, name, *overrides, steps=1, clip="1e9"):
+    """Adapter weights after `steps` optimizer steps (no dropout, no warm-up; no clipping unless `clip`)."""
     cfg = make_cfg(f"train.max_steps={steps}", "train.batch_size=4", "train.lr=1e-2", "train.warmup_ratio=0",
-                   "train.scheduler=constant", "train.max_grad_norm=1e9", "method.dropout=0.0",
+                   "train.scheduler=constant", f"train.max_grad_norm={clip}", "method.dropout=0.0",
                    "eval.max_new_tokens=2", "eval.max_samples=1", *files_overrides, *overrides)
     out = tmp_path / name
     run(cfg, out)
@@ -85,6 +85,41 @@ def test_grad_and_step_coincide_under_sgd(make_cfg, files_overrides, tmp_path, d
     # one step moves no A (B starts at 0), so `initial` holds A's initialisation
     assert all(torch.equal(step[n], initial[n]) for n in frozen if "lora_A" in n)
     assert all(step[n].abs().sum() == 0 for n in frozen if "lora_B" in n)  # B never leaves zero
+
+
+def test_step_mode_is_exact_under_the_default_clipping(make_cfg, files_overrides, tmp_path, delta_r_file):
+    """select=all, strength=s1: m = 2 on every TAL layer, 0 on every LIL layer; one AdamW step with the default
+    max_grad_norm=1.0 moves every layer by exactly m_l × plain LoRA's step (m_l = 0: not at all)."""
+    all_layers = [*ladm_overrides(delta_r_file), "method.select=all"]
+    lora = trained_lora_weights(make_cfg, files_overrides, tmp_path, "lora", "method=lora", clip="1.0")
+    ladm = trained_lora_weights(make_cfg, files_overrides, tmp_path, "ladm", *all_layers, clip="1.0")
+    unclipped = trained_lora_weights(make_cfg, files_overrides, tmp_path, "free", "method=lora", "train.optimizer=sgd",
+                                     "train.lr=1.0")  # one SGD step at lr 1 from B = 0: B = −gradient
+    assert torch.cat([b.flatten() for b in per_layer(unclipped, "B").values()]).norm() > 1.0  # the clip is active
+    multipliers = {0: 2.0, 1: 0.0, 2: 2.0, 3: 0.0}  # ΔR = [0.3, -0.2, 0.05, -0.4]
+    for name, b_lora in per_layer(lora, "B").items():
+        assert b_lora.abs().sum() > 0
+        torch.testing.assert_close(ladm[name], multipliers[layer_of(name)] * b_lora, rtol=1e-6, atol=0)
+
+
+def test_grad_mode_clips_the_modulated_norm_under_sgd(make_cfg, files_overrides, tmp_path, delta_r_file):
+    """README's claim: `step` clips the unmodulated gradient g (plain LoRA's norm) and scales each layer's step by
+    m_l; `grad` clips m⊙g. So one clipped SGD step is m_l·lr·g·min(1, c/‖g‖) in step mode and
+    m_l·lr·g·min(1, c/‖m⊙g‖) in grad mode, with g read off an unclipped step."""
+    sgd = ("train.optimizer=sgd", "train.lr=0.5")
+    free = trained_lora_weights(make_cfg, files_overrides, tmp_path, "free", "method=lora", *sgd)
+    step = trained_lora_weights(make_cfg, files_overrides, tmp_path, "step", *ladm_overrides(delta_r_file, "step"),
+                                *sgd, clip="1.0")
+    grad = trained_lora_weights(make_cfg, files_overrides, tmp_path, "grad", *ladm_overrides(delta_r_file, "grad"),
+                                *sgd, clip="1.0")
+    gradient = {name: -b / 0.5 for name, b in per_layer(free, "B").items()}  # B = 0 before: B = −lr·g
+    norm = torch.cat([g.flatten() for g in gradient.values()]).norm()
+    modulated = torch.cat([(MULTIPLIERS[layer_of(n)] * g).flatten() for n, g in gradient.items()]).norm()
+    assert norm > 1.0 and modulated > 1.0 and not torch.isclose(norm, modulated)
+    for name, g in gradient.items():
+        m = MULTIPLIERS[layer_of(name)]
+        torch.testing.assert_close(step[name], -0.5 * m * g / norm, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(grad[name], -0.5 * m * g / modulated, rtol=1e-4, atol=1e-9)
 
 
 def test_strength_zero_reproduces_lora_exactly(make_cfg, files_overrides, tmp_path, delta_r_file):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ladm.analysis.awareness import UnitAwareness
+from ladm.analysis.awareness import awareness_per_pair
 from ladm.analysis.split import lambda_split, ratio_split
 from ladm.data import SequenceFormat, collate, pair_config, read_split
 from ladm.distributed import DistEnv
@@ -80,27 +80,20 @@ def test_routed_ffn_at_half_is_the_sum_of_its_restricted_parts():
     torch.testing.assert_close(ffn(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
 
 
-def test_phi_of_ffn_units_equals_autograd_on_the_intermediate_activation(make_cfg):
+@pytest.mark.parametrize("estimate", ["taylor", "abs"])
+def test_phi_of_ffn_units_equals_autograd_on_the_intermediate_activation(make_cfg, estimate):
+    from test_mlas import gated_phi
+
     cfg = make_cfg()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
-    batch = collate(SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(3), cfg.pair),
-                    tokenizer.pad_token_id)
+    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(3), cfg.pair)
     mlp = decoder_layers(model)[2].mlp
-    awareness = UnitAwareness({"layer2": (mlp.down_proj, ("in",))})
-    with awareness:
-        awareness.add_batch(model, batch)
-    captured = {}
-    handle = mlp.down_proj.register_forward_hook(lambda m, i, o: captured.update(a=i[0]))
-    embeddings = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).logits
-    handle.remove()
-    labels = batch["labels"][:, 1:]
-    per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    loss = (per_token.sum(1) / (labels != -100).sum(1)).sum()
-    a = captured["a"]
-    expected = (torch.autograd.grad(loss, a)[0] * a).abs()[batch["attention_mask"].bool()].mean(0)
-    torch.testing.assert_close(awareness.scores()[("layer2", "in")].float(), expected, rtol=1e-4, atol=1e-9)
+    result = awareness_per_pair(model, {"zh-lo": examples}, {"layer2": (mlp.down_proj, ("in",))},
+                                tokenizer.pad_token_id, batch_size=3, estimate=estimate)
+    expected = gated_phi(model, collate(examples, tokenizer.pad_token_id), {"layer2": mlp.down_proj}, sides=("in",))
+    torch.testing.assert_close(result.phi[("layer2", "in")][0].float(), expected[("layer2", "in")][estimate],
+                               rtol=1e-4, atol=1e-9)
 
 
 def test_ratio_split_by_hand():

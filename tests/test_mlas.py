@@ -1,6 +1,7 @@
 """MLAS-LoRA (METHODS.md §3) against independent computations; training isolation; bad input."""
 
 import json
+import math
 import logging
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from peft import PeftModel
 
 from ladm import LadmError
-from ladm.analysis.awareness import UnitAwareness
+from ladm.analysis.awareness import awareness_per_pair
 from ladm.analysis.split import lambda_split, pick
 from ladm.data import SequenceFormat, collate, read_split
 from ladm.methods import build_method
@@ -20,36 +21,65 @@ from ladm.train import run
 FAST = ["probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r_spe=4", "method.pairs=[zh-lo,zh-km]"]
 
 
-def test_phi_equals_grad_times_activation_from_autograd(make_cfg):
-    cfg = make_cfg()
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
-    corpus = read_split(cfg.data.train).head(3)
-    batch = collate(SequenceFormat.from_cfg(tokenizer, cfg).encode(corpus, cfg.pair), tokenizer.pad_token_id)
-    maps = linear_maps(decoder_layers(model)[1], ["q_proj", "down_proj"])
-    awareness = UnitAwareness({name: (m, ("out", "in")) for name, m in maps.items()})
-    with awareness:
-        awareness.add_batch(model, batch)
-    # Independent: capture each map's input and output, take ∂L/∂h with torch.autograd.grad.
-    captured = {}
-    handles = [m.register_forward_hook(lambda mod, i, o, name=name: captured.update({name: (i[0], o)}))
-               for name, m in maps.items()]
-    embeddings = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeddings, attention_mask=batch["attention_mask"]).logits
+def gated_phi(model, batch, maps: dict, sides=("in", "out")) -> dict:
+    """Independent Φ (METHODS.md §3.2): a gate s = 1 of one value per token and unit on each map's input and output,
+    L_p = mean over sentences of each sentence's mean answer-token CE through the model's own logits, and
+    ∂L_p/∂s[n, t, j] = g·h of that map alone (autograd); taylor = |Σ_n Σ_t|, abs = Σ_n Σ_t |·|."""
+    gates, handles = {}, []
+
+    def gate(name, side, tensor):
+        gates[(name, side)] = torch.ones_like(tensor, requires_grad=True)
+        return tensor * gates[(name, side)]
+
+    for name, module in maps.items():
+        if "in" in sides:
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: (gate(name, "in", args[0]),)))
+        if "out" in sides:
+            handles.append(module.register_forward_hook(lambda m, args, out, name=name: gate(name, "out", out)))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     for handle in handles:
         handle.remove()
     labels = batch["labels"][:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
                                                   reduction="none")
-    loss = (per_token.sum(1) / (labels != -100).sum(1)).sum()  # METHODS.md §3.2: Σ over sentences of their mean
-    tensors = [t for name in maps for t in captured[name]]
-    grads = dict(zip(tensors, torch.autograd.grad(loss, tensors), strict=True))
+    loss = (per_token.sum(1) / (labels != -100).sum(1)).mean()
+    grads = dict(zip(gates, torch.autograd.grad(loss, list(gates.values())), strict=True))
     mask = batch["attention_mask"].bool()
-    scores = awareness.scores()
-    for name in maps:
-        for side, tensor in zip(("in", "out"), captured[name], strict=True):
-            expected = (grads[tensor] * tensor).abs()[mask].mean(0)
-            torch.testing.assert_close(scores[(name, side)].float(), expected, rtol=1e-4, atol=1e-9)
+    return {key: {"taylor": grad[mask].sum(0).abs(), "abs": grad[mask].abs().sum(0)} for key, grad in grads.items()}
+
+
+@pytest.mark.parametrize("estimate", ["taylor", "abs"])
+def test_phi_equals_autograd_of_unit_gates(make_cfg, estimate):
+    cfg = make_cfg()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
+    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(3), cfg.pair)
+    # q and k share their input: each gets the gradient through itself alone
+    maps = linear_maps(decoder_layers(model)[1], ["q_proj", "k_proj", "down_proj"])
+    result = awareness_per_pair(model, {"zh-lo": examples}, {name: (m, ("out", "in")) for name, m in maps.items()},
+                                tokenizer.pad_token_id, batch_size=2, estimate=estimate)
+    expected = gated_phi(model, collate(examples, tokenizer.pad_token_id), maps)
+    for key, by_estimate in expected.items():
+        torch.testing.assert_close(result.phi[key][0].float(), by_estimate[estimate], rtol=1e-4, atol=1e-9)
+    q_in, k_in = expected[("self_attn.q_proj", "in")][estimate], expected[("self_attn.k_proj", "in")][estimate]
+    assert not torch.allclose(q_in, k_in)  # not the shared input's total gradient
+    stats = result.per_pair["zh-lo"]
+    assert stats["tokens_per_sentence"] == sum(len(e.input_ids) for e in examples) / 3
+    assert stats["phi_mean"] == pytest.approx(float(torch.cat([v[estimate] for v in expected.values()]).mean()), rel=1e-4)
+
+
+def test_phi_does_not_depend_on_the_probe_batch_size(make_cfg):
+    cfg = make_cfg()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
+    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(4), cfg.pair)
+    maps = linear_maps(decoder_layers(model)[2], ["v_proj", "up_proj"])
+    sources = {name: (m, ("out", "in")) for name, m in maps.items()}
+    for estimate in ("taylor", "abs"):
+        one, four = (awareness_per_pair(model, {"p": examples}, sources, tokenizer.pad_token_id, b, estimate).phi
+                     for b in (1, 4))
+        for key in one:
+            torch.testing.assert_close(one[key], four[key], rtol=1e-4, atol=1e-10)
 
 
 @pytest.mark.parametrize("phi,lam,general,owner", [
@@ -230,3 +260,45 @@ def test_awareness_cli_writes_a_cached_summary(tmp_path, cache_dir):
     assert summary["pairs"] == ["zh-lo", "zh-km"] and len(summary["teacher_layers"]) == 4
     assert summary["teacher_layers"] == sorted(summary["teacher_layers"])
     assert list(cache_dir.glob("awareness/*/tensors.safetensors"))
+
+
+def test_phi_is_length_neutral_within_a_pair(make_cfg):
+    """zh-lo's 12 shortest vs 12 longest probe sentences (same language and script, ~4× the tokens): Φ does not
+    follow 1/length, while the old token mean does (the bias this definition removes)."""
+    from ladm.analysis.awareness import UnitAwareness
+
+    cfg = make_cfg("method=mlas_lora")
+    tokenizer = load_tokenizer(cfg.method.teacher)
+    model = load_model(cfg.method.teacher, tokenizer).eval().requires_grad_(False)
+    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(200), cfg.pair)
+    examples.sort(key=lambda e: len(e.input_ids))
+    sources = {f"{l}.{name}": (m, ("out", "in")) for l, layer in enumerate(decoder_layers(model))
+               for name, m in linear_maps(layer, list(cfg.method.target_modules)).items()}
+    mean_phi, tokens = {}, {}
+    for group, chosen in (("short", examples[:12]), ("long", examples[-12:])):
+        awareness = UnitAwareness(sources)
+        with awareness:
+            for start in range(0, 12, 4):
+                awareness.add_batch(model, collate(chosen[start:start + 4], tokenizer.pad_token_id))
+        tokens[group] = sum(len(e.input_ids) for e in chosen)
+        mean_phi[group] = {est: float(torch.cat([s.flatten() for s in awareness.scores(est).values()]).mean())
+                           for est in ("taylor", "abs")}
+    length_ratio = tokens["long"] / tokens["short"]
+    assert length_ratio > 3
+    ratio = {est: mean_phi["long"][est] / mean_phi["short"][est] for est in ("taylor", "abs")}
+    assert 0.8 < ratio["abs"] < 1.25
+    assert abs(math.log(ratio["taylor"])) < 0.5 * math.log(length_ratio)
+    token_mean = ratio["abs"] * tokens["short"] / tokens["long"]  # Σ|g·h| / tokens: the earlier definition
+    assert token_mean == pytest.approx(1 / length_ratio, rel=0.25)
+
+
+def test_seven_pairs_mean_phi_no_longer_tracks_inverse_length(make_cfg, tmp_path):
+    """On the tiny teacher with the seven default pairs (the token-mean definition gave a correlation of 0.9986)."""
+    cfg = make_cfg("method=mlas_lora", "probe.n_sentences=16", "probe.batch_size=8", "method.r_gen=4",
+                   "method.r_spe=4", f"cache_dir={tmp_path}")
+    _, summary = load_or_compute(cfg, load_tokenizer(cfg.model), torch.device("cpu"))
+    per_pair = summary["awareness_per_pair"]
+    assert list(per_pair) == list(cfg.method.pairs)
+    phi = torch.tensor([per_pair[p]["phi_mean"] for p in per_pair])
+    inverse_length = torch.tensor([1 / per_pair[p]["tokens_per_sentence"] for p in per_pair])
+    assert float(torch.corrcoef(torch.stack([phi, inverse_length]))[0, 1]) < 0.5

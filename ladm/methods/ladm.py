@@ -89,9 +89,11 @@ class LaDM(LoRA):
     """LoRA on every layer; layer l's adapters are modulated by m_l.
 
     `mode=step` (default) gives layer l the learning rate m_l·lr (scales the step under any
-    optimizer); `grad` multiplies its gradients by m_l after backward and any all-reduce (a
-    no-op under Adam, which is invariant to gradient scale); `forward` scales its LoRA output
-    by m_l through PEFT's `alpha_pattern`. m_l = 0 freezes the layer's adapters.
+    optimizer); the clipped gradient norm is the unmodulated one, plain LoRA's, so one step of
+    layer l is exactly m_l × LoRA's. `grad` multiplies its gradients by m_l after backward and any
+    all-reduce, before clipping (the clip then sees the modulated norm; under Adam, which is invariant
+    to gradient scale, nearly a no-op); `forward` scales its LoRA output by m_l through PEFT's
+    `alpha_pattern`. m_l = 0 gives the layer's adapters no update.
     """
 
     name = "ladm"
@@ -132,17 +134,11 @@ class LaDM(LoRA):
         if self.cfg.method.mode == "forward":
             overrides["alpha_pattern"] = {rf"layers\.{l}\..*": self.cfg.method.alpha * m
                                           for l, m in enumerate(self.multipliers) if m != 1.0}
+        # Layers with m_l = 0 keep requiring gradients: their step is zero (lr 0, or a zero gradient), and the
+        # gradient norm that is clipped stays plain LoRA's, so every layer's update is exactly m_l × LoRA's.
         model = get_peft_model(model, lora_config(self.cfg.method, **overrides))
-        if self.cfg.method.mode == "step":
-            for name, param in model.named_parameters():
-                if param.requires_grad and self._multiplier(name) == 0.0:
-                    param.requires_grad_(False)
         self.params_by_layer = self._trainable_by_layer(model)  # fixed from here on; used every step
         return model
-
-    def _multiplier(self, parameter_name: str) -> float:
-        layer = layer_of(parameter_name)
-        return 1.0 if layer is None else self.multipliers[layer]
 
     def _trainable_by_layer(self, model: torch.nn.Module) -> dict[int | None, list[torch.nn.Parameter]]:
         groups: dict[int | None, list[torch.nn.Parameter]] = {}

@@ -143,7 +143,7 @@ class LANDeRMT(Method):
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the layers and units (the analysis cache key)."""
-        keys = ("pairs", "k_layers", "split", "lambda", "general_ratio", "partition", "units")
+        keys = ("pairs", "k_layers", "split", "lambda", "general_ratio", "partition", "units", "phi_estimate")
         return {"model": self.cfg.model, "method": {k: self.cfg.method[k] for k in keys}, "k": self.k_layers,
                 **analysis_identity(self.cfg, self.pairs)}
 
@@ -178,9 +178,10 @@ class LANDeRMT(Method):
         return model
 
     def describe(self) -> dict[str, Any]:
-        keys = ("pairs", "split", "lambda", "general_ratio", "partition", "routing", "units", "ablation")
+        keys = ("pairs", "split", "lambda", "general_ratio", "partition", "routing", "units", "ablation", "phi_estimate")
         return {k: (list(self.cfg.method[k]) if k == "pairs" else self.cfg.method[k]) for k in keys} | {
-            "k_layers": self.k_layers, **{k: self.summary[k] for k in ("layers", "relevance", "counts") if k in self.summary}}
+            "k_layers": self.k_layers, **{k: self.summary[k] for k in ("layers", "relevance", "counts", "awareness_per_pair")
+                                              if k in self.summary}}
 
 
 def unit_table(tensors: dict[str, torch.Tensor], layers: list[int], pairs: list[str]) -> dict[int, dict]:
@@ -208,13 +209,13 @@ def analyse(cfg: DictConfig, model: nn.Module, tokenizer, k_layers: int) -> tupl
     blocks = decoder_layers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)
-    phi = awareness_per_pair(model, examples, {f"layer{l}": (blocks[l].mlp.down_proj, ("in",)) for l in layers},
-                             tokenizer.pad_token_id, cfg.probe.batch_size)
+    awareness = awareness_per_pair(model, examples, {f"layer{l}": (blocks[l].mlp.down_proj, ("in",)) for l in layers},
+                                   tokenizer.pad_token_id, cfg.probe.batch_size, cfg.method.phi_estimate)
     for param in trainable:
         param.requires_grad_(True)
     units, counts = {}, {}
     for l in layers:
-        table = phi[(f"layer{l}", "in")]
+        table = awareness.phi[(f"layer{l}", "in")]
         if cfg.method.units == "all":
             general, specific = torch.ones(table.shape[1], dtype=torch.bool), torch.zeros_like(table, dtype=torch.bool)
         elif cfg.method.split == "lambda":
@@ -224,4 +225,5 @@ def analyse(cfg: DictConfig, model: nn.Module, tokenizer, k_layers: int) -> tupl
         units[f"layer{l}.general"] = torch.nonzero(general).squeeze(1)
         units |= {f"layer{l}.specific.{p}": torch.nonzero(specific[i]).squeeze(1) for i, p in enumerate(pairs)}
         counts[str(l)] = {"general": int(general.sum()), **{p: int(specific[i].sum()) for i, p in enumerate(pairs)}}
-    return units, {"layers": layers, "relevance": relevance, "counts": counts, "pairs": pairs}
+    return units, {"layers": layers, "relevance": relevance, "counts": counts, "pairs": pairs,
+                   "awareness_per_pair": awareness.per_pair}

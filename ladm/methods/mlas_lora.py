@@ -70,7 +70,7 @@ def check_teacher(cfg: DictConfig) -> None:
 
 def stage_identity(cfg: DictConfig) -> dict[str, Any]:
     """Everything that changes the awareness stage's output (its cache key)."""
-    keys = ("teacher", "pairs", "lambda", "layers", "target_modules", "phi_norm")
+    keys = ("teacher", "pairs", "lambda", "layers", "target_modules", "phi_norm", "phi_estimate")
     return {"method": {k: cfg.method[k] for k in keys}, "rank": max(cfg.method.r_gen, cfg.method.r_spe),
             "student": cfg.model, "seed": cfg.train.seed, **analysis_identity(cfg, list(cfg.method.pairs))}
 
@@ -92,8 +92,9 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
     teacher_layers = decoder_layers(teacher)
     maps = {f"{k}.{name}": module for k, l in enumerate(layers)
             for name, module in linear_maps(teacher_layers[l], targets).items()}
-    phi = awareness_per_pair(teacher, examples, {key: (m, ("out", "in")) for key, m in maps.items()},
-                             teacher_tokenizer.pad_token_id, cfg.probe.batch_size)
+    awareness = awareness_per_pair(teacher, examples, {key: (m, ("out", "in")) for key, m in maps.items()},
+                                   teacher_tokenizer.pad_token_id, cfg.probe.batch_size, cfg.method.phi_estimate)
+    phi = awareness.phi
 
     rank = max(cfg.method.r_gen, cfg.method.r_spe)
     factors, counts = {}, {}
@@ -121,7 +122,8 @@ def compute_awareness(cfg: DictConfig, student_tokenizer, device: torch.device) 
                         f"{prefix}.B": (u[:, :rank] * sigma[:rank]).float().contiguous(),
                         f"{prefix}.A": vh[:rank].float().contiguous()}
     summary = {"teacher": cfg.method.teacher.name, "student": cfg.model.name, "pairs": pairs,
-               "lambda": cfg.method["lambda"], "teacher_layers": layers, "relevance": relevance, "counts": counts}
+               "lambda": cfg.method["lambda"], "phi_estimate": cfg.method.phi_estimate, "teacher_layers": layers,
+               "relevance": relevance, "counts": counts, "awareness_per_pair": awareness.per_pair}
     return factors, summary
 
 
@@ -247,7 +249,7 @@ class MLASLoRA(Method):
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
     def describe(self) -> dict[str, Any]:
-        keys = ("pairs", "lambda", "phi_norm", "r_gen", "r_spe", "adapters", "init", "layers", "neurons", "init_offset")
+        keys = ("pairs", "lambda", "phi_norm", "phi_estimate", "r_gen", "r_spe", "adapters", "init", "layers", "neurons", "init_offset")
         return {k: (list(self.cfg.method[k]) if k == "pairs" else self.cfg.method[k]) for k in keys} | {
             "teacher": self.cfg.method.teacher.name, "adapter_names": self.adapter_names,
-            **{k: self.summary[k] for k in ("teacher_layers", "relevance", "counts") if k in self.summary}}
+            **{k: self.summary[k] for k in ("teacher_layers", "relevance", "counts", "awareness_per_pair") if k in self.summary}}
