@@ -1,8 +1,8 @@
 """MLAS-LoRA (METHODS.md §3) against independent computations; training isolation; bad input."""
 
 import json
-import math
 import logging
+import math
 
 import pytest
 import torch

@@ -249,7 +249,8 @@ class MLASLoRA(Method):
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
     def describe(self) -> dict[str, Any]:
-        keys = ("pairs", "lambda", "phi_norm", "phi_estimate", "r_gen", "r_spe", "adapters", "init", "layers", "neurons", "init_offset")
+        keys = ("pairs", "lambda", "phi_norm", "phi_estimate", "r_gen", "r_spe",
+                "adapters", "init", "layers", "neurons", "init_offset")
         return {k: (list(self.cfg.method[k]) if k == "pairs" else self.cfg.method[k]) for k in keys} | {
             "teacher": self.cfg.method.teacher.name, "adapter_names": self.adapter_names,
             **{k: self.summary[k] for k in ("teacher_layers", "relevance", "counts", "awareness_per_pair") if k in self.summary}}
