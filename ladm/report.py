@@ -3,9 +3,11 @@
 Rows are methods (with the knobs that vary within a method; presets by their name), columns are the pairs
 in the order the sweep ran them plus their average. A cell is the mean ± sample std over seeds (n shown).
 Δ is against the baseline of the same model and context: LoRA, or LaDM at strength 0 (= LoRA) when the
-sweep has no LoRA job, over the seeds both have. A dagger marks a cell whose paired bootstrap test
-(sacrebleu, 1000 resamples, on the saved hypotheses) against the baseline *of the same seed* gives
-p < 0.05 for every seed (the largest per-seed p-value is reported). Plots: the metric against LaDM's
+sweep has no LoRA job, over the seeds both have. An arrow marks a cell whose paired bootstrap test
+(sacrebleu, 1000 resamples, two-sided, on the saved hypotheses) against the baseline *of the same seed* gives
+p < 0.05 for every seed with the difference in the same direction in every seed: ↑ significantly better, ↓
+significantly worse (the largest per-seed p-value and the direction are in the CSV). The caption states each
+row's training budget (steps and examples per pair) and marks rows (‡) whose budget differs. Plots: the metric against LaDM's
 modulation strength, one panel per pair with error bars over seeds, and ΔR per layer for each pair.
 
     ladm-report multirun/ladm_vs_lora [--out DIR] [--no-wandb] [--test-set NAME]
@@ -50,6 +52,7 @@ class Job:
     row: str = ""
     context: tuple = ()  # model and the non-method keys that vary: what a baseline must share
     p_values: dict[tuple[str, str], float] = field(default_factory=dict)
+    directions: dict[tuple[str, str], int] = field(default_factory=dict)  # sign of (this job − its baseline)
 
     @property
     def config(self) -> dict:
@@ -65,6 +68,16 @@ class Job:
 
     def value(self, pair: str, metric: str) -> float | None:
         return self.results["metrics"].get(pair, {}).get(metric)
+
+    @property
+    def examples_per_pair(self) -> tuple | None:
+        """(optimizer steps per pair, training examples per pair) or None when the job did not train; a value
+        is None where an older results.json did not record it."""
+        train = self.results.get("train") or {}
+        if not train:
+            return None
+        seen = set((train.get("examples_seen") or {None: None}).values())
+        return train.get("steps_per_pair"), (seen.pop() if len(seen) == 1 else tuple(sorted(seen, key=str)))
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -190,7 +203,8 @@ def read_predictions(job: Job, pair: str, ext: str) -> list[str]:
 
 
 def paired_bootstrap(jobs: list[Job], baselines: dict[tuple, str]) -> None:
-    """p-values of every job against its baseline job of the same context, pair and seed, per resampled metric."""
+    """p-values (two-sided) and the direction of the difference of every job against its baseline job of the same
+    context, pair and seed, per resampled metric."""
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
 
@@ -212,6 +226,9 @@ def paired_bootstrap(jobs: list[Job], baselines: dict[tuple, str]) -> None:
             if not len(ours) == len(theirs) == len(refs):
                 raise LadmError(f"{pair}: {job.path} has {len(ours)} hypotheses, {baseline.path} {len(theirs)} and "
                                 f"{len(refs)} references: the predictions must cover the same test set; re-run the job")
+            for metric in metrics:
+                difference = job.value(pair, metric) - (baseline.value(pair, metric) or 0.0)
+                job.directions[(pair, metric)] = (difference > 0) - (difference < 0)
             if ours == theirs:  # sacrebleu's test gives p = 1/(n+1) for identical systems; there is no difference
                 job.p_values |= {(pair, metric): 1.0 for metric in metrics}
                 continue
@@ -249,6 +266,14 @@ class Row:
     baseline: str | None
     delta: Cell | None  # the average's difference to the baseline, per shared seed
     p_max: dict[str, float]  # per pair: the largest p-value over seeds (all seeds tested)
+    direction: dict[str, int]  # per pair: +1 / −1 when every seed's difference has that sign, else 0
+    budget: tuple | None = None  # (steps per pair, examples per pair) of its jobs; None: not trained
+
+    def mark(self, column: str) -> str:
+        """↑ / ↓: significant (p < 0.05 in every seed) in the direction every seed shows."""
+        if self.p_max.get(column, 1.0) >= P_THRESHOLD or not self.direction.get(column):
+            return ""
+        return "↑" if self.direction[column] > 0 else "↓"
 
 
 @dataclass
@@ -293,12 +318,17 @@ def build_tables(jobs: list[Job]) -> list[Table]:
             delta = None
             if own and base and base_label != label and (shared := set(own.by_seed) & set(base.by_seed)):
                 delta = Cell({seed: own.by_seed[seed] - base.by_seed[seed] for seed in shared})
-            p_max = {}
+            p_max, direction = {}, {}
             for pair in pairs:
-                tested = [job.p_values.get((pair, metric)) for job in group if pair in job.results["pairs"]]
-                if tested and all(p is not None for p in tested):
-                    p_max[pair] = max(tested)
-            rows.append(Row(label, group, cells[(context, label)], base_label if base_label != label else None, delta, p_max))
+                tested = [job for job in group if pair in job.results["pairs"]]
+                p_values = [job.p_values.get((pair, metric)) for job in tested]
+                if tested and all(p is not None for p in p_values):
+                    p_max[pair] = max(p_values)
+                    signs = {job.directions[(pair, metric)] for job in tested}
+                    direction[pair] = signs.pop() if len(signs) == 1 else 0
+            budgets = {job.examples_per_pair for job in group}
+            rows.append(Row(label, group, cells[(context, label)], base_label if base_label != label else None, delta,
+                            p_max, direction, budgets.pop() if len(budgets) == 1 else ("mixed", "mixed")))
         order = {label: i for i, label in enumerate(baselines.values())}
         rows.sort(key=lambda r: (r.jobs[0].results["method"] != "zero_shot", order.get(r.label, len(order)), r.label))
         first = jobs[0].results
@@ -342,18 +372,52 @@ def caption(table: Table) -> str:
     if baselines:
         text += (f" Δ: the average's difference to {' / '.join(baselines)} (same model, seeds in common).")
         if table.metric in BOOTSTRAPPED:
-            text += (f" †: p < {P_THRESHOLD} against {' / '.join(baselines)} in sacrebleu's paired bootstrap "
-                     f"({N_RESAMPLES} resamples) for every seed, each against the baseline of the same seed.")
+            text += (f" ↑ / ↓: significantly better / worse than {' / '.join(baselines)}: two-sided p < {P_THRESHOLD} "
+                     f"in sacrebleu's paired bootstrap ({N_RESAMPLES} resamples) for every seed, each against the "
+                     "baseline of the same seed, with the difference in the direction shown in every seed.")
+    text += budget_note(table.rows)
     if table.signature:
         text += f" Signature: {table.signature}."
     return text
+
+
+def _budget_text(budget: tuple) -> str:
+    steps, examples = budget
+    if "mixed" in budget:
+        return "differs between its seeds"
+    return (f"{'?' if steps is None else steps} optimizer steps and "
+            f"{'?' if examples is None else examples} training examples per pair")
+
+
+def differing_budget(rows: list[Row]) -> set[str]:
+    """Labels of trained rows whose (steps, examples) per pair is not the most common one, or is unknown."""
+    budgets = [row.budget for row in rows if row.budget is not None]
+    if not budgets:
+        return set()
+    usual = statistics.mode(budgets)
+    return {row.label for row in rows if row.budget is not None and (row.budget != usual or "mixed" in row.budget)}
+
+
+def budget_note(rows: list[Row]) -> str:
+    """The training budget per pair (METHODS.md §5): one sentence when every trained row had the same, else each
+    row's, with ‡ on the rows that differ."""
+    trained = [row for row in rows if row.budget is not None]
+    if not trained:
+        return ""
+    untrained = [row.label for row in rows if row.budget is None]
+    rest = f" ({', '.join(untrained)}: not trained)" if untrained else ""
+    differing = differing_budget(rows)
+    if not differing:
+        return f" Training: {_budget_text(trained[0].budget)} in every trained row{rest}."
+    return (" ‡: the training budget differs between rows: "
+            + "; ".join(f"{row.label} {_budget_text(row.budget)}" for row in trained) + f"{rest}.")
 
 
 def _row_cells(table: Table, row: Row, bold: Callable[[str], str]) -> list[str]:
     out, usual_n = [], _usual_n(table)
     for column in [*table.pairs, "avg"]:
         cell = row.cells.get(column)
-        text = _cell_text(cell, usual_n) + ("†" if row.p_max.get(column, 1.0) < P_THRESHOLD else "")
+        text = _cell_text(cell, usual_n) + row.mark(column)
         best = _best(table, column)
         out.append(bold(text) if cell is not None and best is not None and cell.mean == best else text)
     return out
@@ -379,6 +443,10 @@ def _share(counted: dict | None) -> str:
     return "–" if counted is None else f"{100 * counted['share']:.1f}% ({counted['count']}/{counted['of']})"
 
 
+def _label(table: Table, row: Row) -> str:
+    return row.label + ("‡" if row.label in differing_budget(table.rows) else "")
+
+
 def to_markdown(tables: list[Table], failed: list[dict], jobs: list[Job]) -> str:
     out = []
     for t in tables:
@@ -386,7 +454,7 @@ def to_markdown(tables: list[Table], failed: list[dict], jobs: list[Job]) -> str
                 "|---|" + "---:|" * (len(t.pairs) + 2)]
         for row in t.rows:
             delta = "–" if row.delta is None else f"{row.delta.mean:+.2f}" + (f" ± {row.delta.std:.2f}" * (row.delta.n > 1))
-            out.append(f"| {row.label} | " + " | ".join(_row_cells(t, row, lambda s: f"**{s}**")) + f" | {delta} |")
+            out.append(f"| {_label(t, row)} | " + " | ".join(_row_cells(t, row, lambda s: f"**{s}**")) + f" | {delta} |")
         out += ["", caption(t), ""]
     out += length_lines(jobs)
     if failed:
@@ -400,20 +468,22 @@ def to_csv(tables: list[Table]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["row", "column", "metric", "mean", "std", "n", "values_by_seed", "baseline", "delta_avg_vs_baseline",
-                     "p_value_max_over_seeds", "test_set"])
+                     "p_value_max_over_seeds", "direction", "steps_per_pair", "examples_per_pair", "test_set"])
     for t in tables:
         for row in t.rows:
             for column, cell in row.cells.items():
                 delta = row.delta.mean if column == "avg" and row.delta else ""
                 writer.writerow([row.label, column, t.metric, cell.mean, cell.std, cell.n,
                                  json.dumps({str(k): v for k, v in cell.by_seed.items()}), row.baseline or "", delta,
-                                 row.p_max.get(column, ""), t.test_set])
+                                 row.p_max.get(column, ""), row.direction.get(column, ""),
+                                 *(row.budget or ("", "")), t.test_set])
     return buffer.getvalue()
 
 
 def to_latex(tables: list[Table], experiment: str) -> str:
     """booktabs tables, best mean per column in bold, a caption and a label each."""
-    escape = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("†", r"$^\dagger$").replace("±", r"$\pm$")  # noqa: E731
+    symbols = {"_": r"\_", "%": r"\%", "↑": r"$^\uparrow$", "↓": r"$^\downarrow$", "‡": r"$^\ddagger$", "±": r"$\pm$"}
+    escape = lambda text: "".join(symbols.get(c, c) for c in text)  # noqa: E731
     out = []
     for t in tables:
         out += [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(t.pairs) + 2) + "}", r"\toprule",
@@ -421,7 +491,7 @@ def to_latex(tables: list[Table], experiment: str) -> str:
         for row in t.rows:
             delta = "--" if row.delta is None else f"{row.delta.mean:+.2f}"
             cells = [escape(c).replace("–", "--") for c in _row_cells(t, row, lambda s: rf"\textbf{{{s}}}")]
-            out.append(escape(row.label) + " & " + " & ".join(cells) + f" & {delta} \\\\")
+            out.append(escape(_label(t, row)) + " & " + " & ".join(cells) + f" & {delta} \\\\")
         label = f"tab:{experiment}-{t.metric}".replace("+", "p").replace("_", "-")
         out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{escape(caption(t))}}}", rf"\label{{{label}}}",
                 r"\end{table}", ""]

@@ -128,8 +128,9 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         if dist.is_main and cfg.train.save_adapter:
             method.save(model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
 
+    final_step = cfg.train.max_steps * len(pair_cfgs)  # the trainer's last optimizer step
     if cfg.objective is not None:
-        evaluate_validation(cfg.train.max_steps)  # the sweeper's objective, on the final weights
+        evaluate_validation(final_step)  # the sweeper's objective, on the final weights
     eval_started = time.perf_counter()
     outputs = {eval_set.name: evaluator.translate(eval_set) for eval_set in test_sets}
     if not dist.is_main:
@@ -155,7 +156,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     results = record_test_results(results, out_dir, scorer, evaluator, test_sets, outputs, targets, tracker,
-                                  cfg.train.max_steps, cfg.eval.n_samples, started, eval_started)
+                                  final_step, cfg.eval.n_samples, started, eval_started)
     tracker.finish()
     dist.close()
     return results | {"losses": train_stats.get("losses", [])}

@@ -78,10 +78,12 @@ def fit(
     on_eval: Callable[[int], None] | None = None,
     identity: dict | None = None,
 ) -> dict:
-    """Train `model` for `train.max_steps` optimizer steps; returns losses and timings.
+    """Train `model` for `train.max_steps` optimizer steps per pair; returns losses, budget and timings.
 
-    `examples` maps each pair to its examples; optimizer step s trains on pair s mod n (in
-    order), so every batch, on every rank, holds one pair. The loss is the mean over all
+    `examples` maps each pair to its examples; a run takes n_pairs × `train.max_steps` optimizer steps
+    (METHODS.md §5, training budget), step s training pair (s − 1) mod n (round robin), so every batch, on
+    every rank, holds one pair and every pair gets the same number of batches as a single-pair run. Warm-up,
+    schedule and the `*_every` settings count the run's optimizer steps. The loss is the mean over all
     target tokens of the global batch (every rank, every accumulation micro-step), so N ranks
     with batch b equal one rank with batch N·b.
     With `resume` (a checkpoint's state), weights, optimizer, scheduler, RNG and data position are
@@ -109,12 +111,13 @@ def fit(
                             f"train.batch_size={train_cfg.batch_size} on {dist.world_size} rank(s)")
         loaders[pair] = (loader, sampler)
 
+    total_steps = train_cfg.max_steps * len(pairs)
     optimizer = OPTIMIZERS[train_cfg.optimizer](method.param_groups(model, train_cfg.lr, train_cfg.weight_decay),
                                                 lr=train_cfg.lr)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_scheduler(train_cfg.scheduler, optimizer,
-                              num_warmup_steps=math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps),
-                              num_training_steps=train_cfg.max_steps)
+                              num_warmup_steps=math.ceil(train_cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
     ddp = None
     if dist.world_size > 1:
         ddp = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
@@ -124,8 +127,12 @@ def fit(
 
     trained = trained_parameters(model, optimizer)
     first_step, losses = 1, []
+    seen = dict.fromkeys(pairs, 0)  # training examples consumed per pair, over every rank
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before the schedule scales them
     if resume is not None:
+        if "examples_seen" not in resume:
+            raise LadmError("the checkpoint was written by an older ladm (steps then counted all pairs together): start "
+                            "over with train.resume=never")
         if set(resume["trainable"]) != set(trained):
             raise LadmError("the checkpoint's trained tensors do not match this method's: start over with "
                             "train.resume=never")
@@ -135,7 +142,7 @@ def fit(
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"][dist.rank])
-        first_step, losses = resume["step"] + 1, resume["losses"]
+        first_step, losses, seen = resume["step"] + 1, resume["losses"], resume["examples_seen"]
         log.info("resuming from step %d", resume["step"])
 
     def checkpoint(step: int) -> None:
@@ -147,7 +154,8 @@ def fit(
                                 "(the last one is intact): lower train.lr")
             save_checkpoint(out_dir, step, {"step": step, "losses": losses, "trainable": weights,
                                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                            "rng": rng, "wandb_id": tracker.run_id, "identity": identity},
+                                            "rng": rng, "wandb_id": tracker.run_id, "identity": identity,
+                                            "examples_seen": seen},
                             keep=train_cfg.keep_checkpoints)
             fault_after_checkpoint(step)
         dist.barrier()
@@ -157,13 +165,14 @@ def fit(
     batches = {pair: _batches(*loaders[pair], consumed=-(-(done - i) // len(pairs)) * train_cfg.grad_accum)
                for i, pair in enumerate(pairs)}
     start = time.perf_counter()
-    progress = tqdm(range(first_step, train_cfg.max_steps + 1), desc="train", disable=not dist.is_main,
-                    initial=first_step - 1, total=train_cfg.max_steps)
+    progress = tqdm(range(first_step, total_steps + 1), desc="train", disable=not dist.is_main,
+                    initial=first_step - 1, total=total_steps)
     stop = StopSignals()
     for step in progress:
         fault_signal(step)
         pair = pairs[(step - 1) % len(pairs)]
         micro_batches = [next(batches[pair]) for _ in range(train_cfg.grad_accum)]
+        seen[pair] += sum(len(mb["input_ids"]) for mb in micro_batches) * dist.world_size  # equal shares per rank
         method.select_adapters(model, pair)
         n_tokens = dist.all_reduce_sum(
             sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro_batches).to(device)
@@ -182,7 +191,7 @@ def fit(
         if not math.isfinite(mean_loss):  # before the step: the weights and the last checkpoint stay good
             raise LadmError(f"the training loss became {mean_loss} at step {step}: lower train.lr or check the data")
         method.after_backward(model)
-        log_now = step % train_cfg.log_every == 0 or step == train_cfg.max_steps
+        log_now = step % train_cfg.log_every == 0 or step == total_steps
         metrics = {f"grad_norm/{name}": _grad_norm(params)
                    for name, params in method.grad_norm_groups(model).items()} if log_now else {}
         metrics["grad_norm/total"] = float(torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm))
@@ -196,19 +205,19 @@ def fit(
             window = losses[-(step - (step - 1) // train_cfg.log_every * train_cfg.log_every):]
             tracker.log({"train/loss": sum(window) / len(window), "train/loss_step": mean_loss,
                          **learning_rates(train_cfg.lr, base_lrs, scheduler.get_last_lr(), optimizer), **metrics}, step=step)
-        if on_eval is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.max_steps:
+        if on_eval is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
             on_eval(step)
             model.train()
         signalled = dist.broadcast(stop.received)  # every rank stops at the same step
-        if signalled and step < train_cfg.max_steps:
+        if signalled and step < total_steps:
             checkpoint(step)
             stop.finish(signalled)
-        if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < train_cfg.max_steps:
+        if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < total_steps:
             checkpoint(step)
     stop.restore()
     model.eval()
-    return {"steps": train_cfg.max_steps, "losses": losses, "final_loss": losses[-1],
-            "seconds": time.perf_counter() - start}
+    return {"steps": total_steps, "steps_per_pair": train_cfg.max_steps, "examples_seen": seen,
+            "losses": losses, "final_loss": losses[-1], "seconds": time.perf_counter() - start}
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:

@@ -30,7 +30,7 @@ def chrf(hyps):
 
 
 def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-devtest", status="complete", seed=1,
-             experiment="synthetic", job_num=None):
+             experiment="synthetic", job_num=None, examples=16):
     job = root / name
     write_lines_atomic(job / "predictions" / test_set / f"{pair}.hyp", hyps)
     write_lines_atomic(job / "predictions" / test_set / f"{pair}.ref", REFS)
@@ -47,7 +47,9 @@ def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-
         "status": status, "model": "tiny-llama3", "method": method, "pairs": [pair], "test_set": test_set,
         "n_test": {pair: len(REFS)}, "metrics": {pair: {"chrf++": chrf(hyps), "spbleu": None}},
         "signatures": {"chrf++": SIGNATURE},
-        "method_details": details, "config": config, "train": {"max_length": 300}, "max_new_tokens": {pair: 50},
+        "method_details": details, "config": config, "max_new_tokens": {pair: 50},
+        "train": {} if method == "zero_shot" else {"max_length": 300, "steps": 2, "steps_per_pair": 2,
+                                                   "examples_seen": {pair: examples}},
         "truncated_train": {pair: {"count": 3, "of": 200, "share": 3 / 200}},
         "hit_generation_budget": {pair: {"count": 1, "of": len(REFS), "share": 1 / len(REFS)}}})
 
@@ -81,19 +83,22 @@ def test_cells_are_seed_means_with_std_and_delta_against_lora_of_the_same_seeds(
     lora_mean, lora_std = mean_std(poor, poor2)
     delta = ((good - poor) + (good2 - poor2)) / 2
     delta_std = abs((good - poor) - (good2 - poor2)) / math.sqrt(2)
-    cell = f"**{ladm_mean:.2f} ± {ladm_std:.2f}†**"
+    cell = f"**{ladm_mean:.2f} ± {ladm_std:.2f}↑**"
     assert f"| ladm s1.0 | {cell} | {cell} | **{ladm_mean:.2f} ± {ladm_std:.2f}** | {delta:+.2f} ± {delta_std:.2f} |" in markdown
     lora = f"{lora_mean:.2f} ± {lora_std:.2f}"
-    assert f"| lora | {lora} | {lora} | {lora} | – |" in markdown  # the baseline: no dagger, no Δ
-    # s0.5 equals LoRA in seed 2: significant in one seed only, so no dagger.
+    assert f"| lora | {lora} | {lora} | {lora} | – |" in markdown  # the baseline: no mark, no Δ
+    # s0.5 equals LoRA in seed 2: significant in one seed only, so no mark.
     half_mean, half_std = mean_std(good, poor2)
     assert f"| ladm s0.5 | {half_mean:.2f} ± {half_std:.2f} | {half_mean:.2f} ± {half_std:.2f} |" in markdown
     zero = chrf(POOR[:20] + GOOD[20:])  # one seed: against LoRA of seed 1 only
-    assert f"| zero_shot | {zero:.2f} (n=1)† | {zero:.2f} (n=1)† | {zero:.2f} (n=1) | {zero - poor:+.2f} |" in markdown
+    assert f"| zero_shot | {zero:.2f} (n=1)↑ | {zero:.2f} (n=1)↑ | {zero:.2f} (n=1) | {zero - poor:+.2f} |" in markdown
     assert markdown.index("| zero_shot |") < markdown.index("| lora |") < markdown.index("| ladm s0.5 |")
     assert "| method | zh-km | zh-lo | avg | Δ avg |" in markdown  # the sweep's order
     assert "on flores200-devtest (40 sentences per pair)" in markdown and f"Signature: {SIGNATURE}" in markdown
-    assert "against lora in sacrebleu's paired bootstrap (1000 resamples) for every seed" in markdown
+    assert ("↑ / ↓: significantly better / worse than lora: two-sided p < 0.05 in sacrebleu's paired bootstrap "
+            "(1000 resamples) for every seed") in markdown
+    assert ("Training: 2 optimizer steps and 16 training examples per pair in every trained row (zero_shot: not "
+            "trained).") in markdown and "‡" not in markdown
     assert "mean ± sample std over 2 seeds" in markdown
     assert "spBLEU" not in markdown  # never measured, never shown
     assert "`broken`: LadmError: out of memory" in markdown
@@ -106,13 +111,43 @@ def test_cells_are_seed_means_with_std_and_delta_against_lora_of_the_same_seeds(
     assert float(rows[("ladm s1.0", "avg")]["delta_avg_vs_baseline"]) == pytest.approx(delta)
     assert float(rows[("ladm s1.0", "zh-km")]["p_value_max_over_seeds"]) < 0.05
     assert float(rows[("ladm s0.5", "zh-km")]["p_value_max_over_seeds"]) > 0.05
+    assert rows[("ladm s1.0", "zh-km")]["direction"] == "1" and rows[("ladm s1.0", "zh-km")]["examples_per_pair"] == "16"
     assert rows[("zero_shot", "zh-lo")]["n"] == "1" and rows[("lora", "zh-lo")]["baseline"] == ""
 
     tex = written["tex"].read_text()
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"\label{tab:synthetic-chrfpp}" in tex
-    assert rf"\textbf{{{ladm_mean:.2f} $\pm$ {ladm_std:.2f}$^\dagger$}}" in tex
+    assert rf"\textbf{{{ladm_mean:.2f} $\pm$ {ladm_std:.2f}$^\uparrow$}}" in tex
     assert written["strength_chrf++"].stat().st_size > 0 and written["delta_r"].stat().st_size > 0
     assert "ladm s0.5" in capsys.readouterr().out
+
+
+def test_significantly_worse_is_marked_down_and_mixed_directions_unmarked(tmp_path):
+    """↓ when every seed is significantly worse than the baseline; no mark when the seeds disagree in direction."""
+    for seed, (base, worse, mixed) in enumerate(((GOOD, POOR, POOR), (GOOD2, POOR2, GOOD)), 1):
+        fake_job(tmp_path, f"lora-{seed}", "lora", "zh-lo", base, seed=seed)
+        fake_job(tmp_path, f"s1-{seed}", "ladm", "zh-lo", worse, strength=1.0, seed=seed)
+        fake_job(tmp_path, f"s05-{seed}", "ladm", "zh-lo", mixed, strength=0.5, seed=seed)
+    written = report(tmp_path, wandb_log=False)
+    markdown = written["md"].read_text()
+    worse_mean, worse_std = mean_std(chrf(POOR), chrf(POOR2))
+    assert f"| ladm s1.0 | {worse_mean:.2f} ± {worse_std:.2f}↓ |" in markdown
+    mixed_mean, mixed_std = mean_std(chrf(POOR), chrf(GOOD))
+    assert f"| ladm s0.5 | {mixed_mean:.2f} ± {mixed_std:.2f} |" in markdown
+    rows = {(r["row"], r["column"]): r for r in csv.DictReader(written["csv"].open()) if r["metric"] == "chrf++"}
+    assert rows[("ladm s1.0", "zh-lo")]["direction"] == "-1" and rows[("ladm s0.5", "zh-lo")]["direction"] == "0"
+    assert float(rows[("ladm s0.5", "zh-lo")]["p_value_max_over_seeds"]) < 0.05  # significant, but not one way
+
+
+def test_rows_with_another_training_budget_are_marked(tmp_path):
+    for seed in (1, 2):
+        fake_job(tmp_path, f"lora-{seed}", "lora", "zh-lo", POOR, seed=seed)
+        fake_job(tmp_path, f"s1-{seed}", "ladm", "zh-lo", GOOD, strength=1.0, seed=seed)
+        fake_job(tmp_path, f"mlas-{seed}", "mlas_lora", "zh-lo", GOOD2, seed=seed, examples=4)
+    markdown = report(tmp_path, wandb_log=False)["md"].read_text()
+    assert "| mlas_lora‡ |" in markdown and "| lora |" in markdown and "| ladm |" in markdown
+    assert ("‡: the training budget differs between rows: lora 2 optimizer steps and 16 training examples per pair; "
+            "ladm 2 optimizer steps and 16 training examples per pair; mlas_lora 2 optimizer steps and 4 training "
+            "examples per pair.") in markdown
 
 
 def test_ladm_at_strength_zero_is_the_baseline_without_lora(tmp_path):
@@ -122,7 +157,7 @@ def test_ladm_at_strength_zero_is_the_baseline_without_lora(tmp_path):
     markdown = report(tmp_path, wandb_log=False)["md"].read_text()
     delta = ((chrf(GOOD) - chrf(POOR)) + (chrf(GOOD2) - chrf(POOR2))) / 2
     assert f"{delta:+.2f}" in markdown.split("| ladm s1.0 |")[1].splitlines()[0]
-    assert "against ladm s0.0" in markdown
+    assert "than ladm s0.0" in markdown
 
 
 def test_no_results_is_a_clear_error(tmp_path, capsys):

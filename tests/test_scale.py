@@ -30,6 +30,11 @@ METHOD_EXTRAS = {"lora": [], "ladm": ["probe.n_sentences=4", "probe.batch_size=4
                                "probe.batch_size=4"]}
 
 
+def pair_count(method: str) -> int:
+    """Pairs one run trains: a run takes pairs × train.max_steps steps (METHODS.md §5)."""
+    return next((len(e.split("=")[1].split(",")) for e in METHOD_EXTRAS[method] if e.startswith("method.pairs=")), 1)
+
+
 def adapters(path: Path) -> dict[str, torch.Tensor]:
     """Every saved tensor of a run folder (MLAS-LoRA: one folder per adapter; LANDeRMT: its delta file)."""
     return {f"{f.parent.name}/{f.name}/{k}": v for f in sorted((path / "adapter").rglob("*.safetensors"))
@@ -43,7 +48,7 @@ def test_two_gloo_ranks_equal_one_process(make_cfg, files_overrides, tmp_path, c
     SGD keeps the update linear in the gradient, so only float summation order separates the two;
     under AdamW a parameter whose gradient is ~ε can differ by more than 1e-6 from that noise alone.
     """
-    common = [f"method={method}", "train.max_steps=4", *TINY, "train.optimizer=sgd", "train.lr=0.5",
+    common = [f"method={method}", f"train.max_steps={4 // pair_count(method)}", *TINY, "train.optimizer=sgd", "train.lr=0.5",
               *METHOD_EXTRAS[method], *(["method.dropout=0.0"] if method != "landermt" else []),
               *files_overrides, "eval.max_samples=1", f"cache_dir={cache_dir}"]
     run(make_cfg(*common), tmp_path / "one")
@@ -69,7 +74,8 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(files_overr
     """Killed with SIGKILL right after checkpoint step-4 (a fault-injection knob, not a timing window),
     then resumed: bit-identical adapters of every pair, against an uninterrupted run in a process with the
     same thread count (float sums differ between thread counts, so exactness holds per thread count)."""
-    common = [f"method={method}", *METHOD_EXTRAS[method], "train.max_steps=8", "train.checkpoint_every=2",
+    common = [f"method={method}", *METHOD_EXTRAS[method], f"train.max_steps={8 // pair_count(method)}",
+              "train.checkpoint_every=2",
               *TINY, *(["method.dropout=0.1"] if method != "landermt" else []), *files_overrides,
               "eval.max_samples=1", f"cache_dir={cache_dir}"]
     whole = cli(*common, f"hydra.run.dir={tmp_path / 'whole'}")
