@@ -160,8 +160,11 @@ def _tmx_segments(path: Path, lang: str) -> dict[str, str]:
 def _pivot_memories(root: Path, src: str, tgt: str, pivot: str) -> ParallelCorpus:
     """A src→tgt corpus from pivot-language translation memories `<root>/all.<pivot>-<lang>.tmx[.zip]` (TICO-19's
     layout), aligned by translation-unit id in the order of the first memory."""
+    if src == tgt:
+        raise LadmError(f"a {src}→{tgt} test set needs two different languages")
+
     def memory(lang: str) -> Path:
-        other = tgt if lang == pivot else lang
+        other = (src if tgt == pivot else tgt) if lang == pivot else lang  # the pivot side reads the other's memory
         found = [path for ext in (".zip", "") if (path := root / f"all.{pivot}-{other}.tmx{ext}").is_file()]
         if not found:
             have = sorted(p.name.split(".")[1].split("-")[-1] for p in root.glob(f"all.{pivot}-*.tmx*"))

@@ -2,6 +2,7 @@
 saved state, saved hypotheses are scored again without generating, and the report files the results."""
 
 import csv
+import html
 import json
 import os
 import re
@@ -96,7 +97,7 @@ def tmx_segments(zip_name: str, lang: str) -> dict[str, str]:
     found = {}
     for tuid, body in units:
         match = re.search(rf'<tuv xml:lang="{lang}">\s*<seg>(.*?)</seg>', body, flags=re.S)
-        found[tuid] = " ".join(match.group(1).split())
+        found[tuid] = " ".join(html.unescape(match.group(1)).split())  # the XML's character entities
     return found
 
 
@@ -171,3 +172,16 @@ def test_a_run_that_stopped_before_its_adapter_is_refused(make_cfg, eval_cfg, fi
                    *files_overrides), tmp_path / "run")
     with pytest.raises(LadmError, match="has no adapter/"):
         evaluate(eval_cfg(f"evaluate.run={tmp_path / 'run'}"), tmp_path / "eval")
+
+
+@pytest.mark.parametrize("pair", ["zh-en", "en-zh"])
+def test_tico19_pairs_with_the_pivot_language_read_one_memory(make_cfg, pair):
+    """X→en and en→X: both sides come from all.en-X.tmx (the pivot side is that memory's English)."""
+    from ladm.data import read_split, test_set_configs
+
+    (tico,) = test_set_configs(make_cfg(f"pair={pair}", "eval.test_sets=[tico19]"))
+    corpus = read_split(tico)
+    zh, en = tmx_segments("all.en-zh.tmx.zip", "zh"), tmx_segments("all.en-zh.tmx.zip", "en")
+    ids = [i for i in zh if zh[i] and en[i]]
+    src, tgt = (zh, en) if pair == "zh-en" else (en, zh)
+    assert corpus.src == [src[i] for i in ids] and corpus.tgt == [tgt[i] for i in ids] and len(ids) == 3071
