@@ -18,12 +18,12 @@ from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, training_data
 from ladm.distributed import DistEnv
 from ladm.evaluation import Evaluator, read_test_sets, record_test_results, run_once, versions
-from ladm.files import read_json
+from ladm.files import folder_digest, read_json
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
 from ladm.methods.base import load_peft_adapters
 from ladm.metrics import Scorer
-from ladm.models import check_model_path, context_length, load_model, load_tokenizer
+from ladm.models import base_identity, check_model_path, context_length, load_model, load_tokenizer
 from ladm.schema import config_hash, validate
 from ladm.tracking import Tracker
 
@@ -69,15 +69,17 @@ def what_to_evaluate(cfg: DictConfig) -> tuple[DictConfig, dict]:
         merged = OmegaConf.merge(trained_cfg, {key: cfg[key] for key in KEPT}, {"eval": changed_eval_settings(cfg.eval)})
         evaluated = {"kind": "run", "path": str(run_dir), "run_status": results.get("status", "unknown"),
                      "method_details": results.get("method_details", {})}
-        if build_method(merged).trains and not (run_dir / "adapter").is_dir():
-            raise LadmError(f"{run_dir} has no adapter/: that run stopped before training finished; run its "
-                            "ladm-train command again to resume it, then evaluate")
+        if build_method(merged).trains:
+            if not (run_dir / "adapter").is_dir():
+                raise LadmError(f"{run_dir} has no adapter/: that run stopped before training finished; run its "
+                                "ladm-train command again to resume it, then evaluate")
+            evaluated["files_digest"] = folder_digest(run_dir / "adapter")
         return merged, evaluated
     if cfg.evaluate.adapter:
         folder = Path(cfg.evaluate.adapter).expanduser().resolve()
         if not folder.is_dir():
             raise LadmError(f"evaluate.adapter={folder} is not a folder: give a PEFT adapter folder")
-        return cfg, {"kind": "peft_adapter", "path": str(folder)}
+        return cfg, {"kind": "peft_adapter", "path": str(folder), "files_digest": folder_digest(folder)}
     return cfg, {"kind": "base_model"}
 
 
@@ -88,7 +90,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(dist.broadcast(str(out_dir)))
     cfg, evaluated = what_to_evaluate(cfg)
     validate(cfg)
-    return run_once(cfg, out_dir, dist, lambda _: evaluate(cfg, evaluated, out_dir, dist, started))
+    return run_once(cfg, out_dir, dist, lambda _: evaluate(cfg, evaluated, out_dir, dist, started),
+                    inputs=evaluated.get("files_digest"))  # a replaced adapter is evaluated again
 
 
 def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, started: float) -> dict:
@@ -110,6 +113,7 @@ def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, sta
                                    cfg.eval.length_margin, context_length(cfg.model), train_examples, all_prompts)
 
     model = load_model(cfg.model, tokenizer).to(dist.device)
+    base = base_identity(cfg.model, model)
     stop_ids = fmt.stop_ids(model.generation_config)
     if evaluated["kind"] == "run":
         model = method.load(model, Path(evaluated["path"]) / "adapter")
@@ -121,6 +125,8 @@ def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, sta
     reuse_from = (Path(evaluated["path"]),) if evaluated["kind"] == "run" else ()
     evaluator = Evaluator(model, tokenizer, lambda pair: method.select_adapters(model, pair), stop_ids, batch_size,
                           budgets.max_new_tokens, cfg.eval.num_beams, dist, out_dir, reuse_from)
+    method_name = {"run": cfg.method.name, "peft_adapter": "peft_adapter", "base_model": "zero_shot"}[evaluated["kind"]]
+    evaluator.generated_by = {"base_model": base, "method": method_name, "state": method.state_digest(model)}
     tracker = Tracker(cfg, out_dir, dist.is_main)
 
     eval_started = time.perf_counter()
@@ -128,11 +134,10 @@ def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, sta
     if not dist.is_main:
         dist.close()
         return {}
-    method_name = {"run": cfg.method.name, "peft_adapter": "peft_adapter", "base_model": "zero_shot"}[evaluated["kind"]]
     results = {
         "status": "complete",
         "name": cfg.name,
-        "config_hash": config_hash(cfg),
+        "config_hash": config_hash(cfg, evaluated.get("files_digest")),
         "model": cfg.model.name,
         "method": method_name,
         "evaluated": {k: v for k, v in evaluated.items() if k != "method_details"},

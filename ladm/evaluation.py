@@ -3,12 +3,16 @@ the test sets at the end) and `ladm-eval` (any saved model).
 
 Nothing computed is lost: each test set's sources, hypotheses and references are written to
 `predictions/<test set>/<pair>.{src,hyp,ref}` right after generation (with the decoding settings in
-`<pair>.json`); results.json is written right after scoring, or with `status: failed` and the error if scoring
-fails. Saved hypotheses for the same sentences and decoding settings are scored again without generating.
+`<pair>.json`, with the decoding settings and what generated them); results.json is written right after scoring,
+or with `status: failed` and the error if scoring fails. Saved hypotheses are scored again without generating only
+when everything that decides them is the same: sentences, prompt token ids (template, sequence format, chat
+template), decoding, stop tokens, the base model (its weights' fingerprint), the trained state (a digest of every
+adapter / LANDeRMT tensor and LoRA scaling) and the method.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -90,10 +94,11 @@ def completed_results(out_dir: Path, config_hash: str) -> tuple[dict | None, boo
     return None, False
 
 
-def run_once(cfg: DictConfig, out_dir: Path, dist: DistEnv, job: Callable[[bool], dict]) -> dict:
-    """The complete results.json in `out_dir` when it has this config's hash (and not `force=true`); otherwise
-    `job(fresh)` under the folder's lock, `fresh` when earlier results must not be resumed from."""
-    done, stale = dist.broadcast(completed_results(out_dir, config_hash(cfg)) if dist.is_main else None)
+def run_once(cfg: DictConfig, out_dir: Path, dist: DistEnv, job: Callable[[bool], dict], inputs: str | None = None) -> dict:
+    """The complete results.json in `out_dir` when it has this config's hash (with `inputs`, see `config_hash`)
+    and not `force=true`; otherwise `job(fresh)` under the folder's lock, `fresh` when earlier results must not
+    be resumed from."""
+    done, stale = dist.broadcast(completed_results(out_dir, config_hash(cfg, inputs)) if dist.is_main else None)
     if done and not cfg.force:
         log.info("skipping %s: results.json is complete for this config (force=true to run it again)", out_dir)
         dist.close()
@@ -123,15 +128,25 @@ class Evaluator:
     num_beams: int
     dist: DistEnv
     out_dir: Path
-    reuse_from: tuple[Path, ...] = ()  # folders whose saved predictions (of this very model) may be scored again
+    reuse_from: tuple[Path, ...] = ()  # folders whose saved predictions may be scored again (if `generated_by` agrees)
+    generated_by: dict = field(default_factory=dict)  # base model identity, method, trained-state digest: set by the caller
     hit_budget: dict[str, dict[str, dict]] = field(default_factory=dict)  # test set → pair → share
 
     def decoding(self, pair: str) -> dict[str, int]:
         return {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens[pair]}
 
+    def identity(self, eval_set: EvalSet, pair: str) -> dict:
+        """Everything that decides the hypotheses of `pair` on `eval_set` (recorded beside them)."""
+        prompts = hashlib.sha256(json.dumps(eval_set.prompts[pair]).encode()).hexdigest()
+        return self.generated_by | {"pair": pair, "prompt_ids": prompts, "stop_ids": sorted(self.stop_ids),
+                                    "device": next(self.model.parameters()).device.type}
+
     def saved(self, eval_set: EvalSet, pair: str) -> tuple[list[str], dict] | None:
-        """Hypotheses saved earlier for exactly these sources, references and decoding settings."""
-        corpus = eval_set.corpora[pair]
+        """Hypotheses saved earlier for exactly these sources, references and decoding settings by the same model
+        (`identity`): anything else is generated again."""
+        if not self.generated_by:
+            return None
+        corpus, identity = eval_set.corpora[pair], self.identity(eval_set, pair)
         for root in (self.out_dir, *self.reuse_from):
             folder = root / "predictions" / eval_set.name
             try:
@@ -139,8 +154,13 @@ class Evaluator:
                 src, ref, hyp = (_read_lines(folder / f"{pair}.{ext}") for ext in ("src", "ref", "hyp"))
             except (OSError, ValueError):
                 continue
-            if (src, ref, len(hyp), meta.get("decoding")) == (corpus.src, corpus.tgt, len(src), self.decoding(pair)):
+            if (src, ref, len(hyp), meta.get("decoding")) != (corpus.src, corpus.tgt, len(src), self.decoding(pair)):
+                continue
+            if meta.get("generated_by") == identity:
                 return hyp, meta["hit_generation_budget"]
+            log.info("%s %s: the hypotheses in %s came from another model or settings (%s): generating again",
+                     eval_set.name, pair, folder, ", ".join(sorted(k for k in identity
+                                                                   if (meta.get("generated_by") or {}).get(k) != identity[k])))
         return None
 
     def translate(self, eval_set: EvalSet) -> dict[str, list[str]]:
@@ -149,7 +169,7 @@ class Evaluator:
         for pair, prompts in eval_set.prompts.items():
             found = self.dist.broadcast(self.saved(eval_set, pair) if eval_set.is_test and self.dist.is_main else None)
             if found is not None:
-                log.info("%s %s: scoring the saved hypotheses (same sentences and decoding), not generating again",
+                log.info("%s %s: scoring the saved hypotheses (same model, sentences and decoding), not generating again",
                          eval_set.name, pair)
                 outputs[pair], hit_share = found
             else:
@@ -175,7 +195,8 @@ class Evaluator:
         corpus = eval_set.corpora[pair]
         for ext, lines in (("src", corpus.src), ("hyp", hypotheses), ("ref", corpus.tgt)):
             write_lines_atomic(folder / f"{pair}.{ext}", lines)
-        write_json_atomic(folder / f"{pair}.json", {"decoding": self.decoding(pair), "hit_generation_budget": hit_share})
+        write_json_atomic(folder / f"{pair}.json", {"decoding": self.decoding(pair), "hit_generation_budget": hit_share,
+                                                    "generated_by": self.identity(eval_set, pair)})
 
 
 def score(scorer: Scorer, eval_set: EvalSet, outputs: dict[str, list[str]], targets: dict[str, str],

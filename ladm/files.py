@@ -68,3 +68,17 @@ def finite_numbers(value: Any, length: int | None = None) -> bool:
     """A list of finite numbers (of `length` entries when given)."""
     return (isinstance(value, list) and (length is None or len(value) == length)
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 of every file below `folder` (relative path and bytes, in path order): a saved adapter's identity."""
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

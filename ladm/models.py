@@ -7,6 +7,7 @@ special tokens, chat template and generation config of their family.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -147,3 +148,38 @@ def num_layers(model_cfg: DictConfig) -> int:
 def context_length(model_cfg: DictConfig) -> int:
     """The longest sequence the model takes (`max_position_embeddings`), from the config alone."""
     return int(model_config(model_cfg).get_text_config().max_position_embeddings)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], extra: object = None) -> str:
+    """sha256 of every tensor (name, dtype, shape, every byte) in name order, and of `extra` (JSON): the identity
+    of a trained state (adapters, LANDeRMT deltas) for the predictions' fingerprint."""
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+SAMPLED_ENTRIES = 4096
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap fingerprint of loaded base weights: every tensor's name, dtype and shape, and the values of up to
+    4,096 evenly spaced entries of each (a few MB read for an 8B model, on its device). Any checkpoint, random
+    initialisation or de-quantisation gives its own; a change confined to unsampled entries would go unseen."""
+    sampled = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.reshape(-1)
+            if flat.numel() > SAMPLED_ENTRIES:
+                flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLED_ENTRIES, device=flat.device).long()]
+            sampled[f"{name}|{tuple(tensor.shape)}"] = flat
+    return tensors_digest(sampled)
+
+
+def base_identity(model_cfg: DictConfig, model: torch.nn.Module) -> dict[str, object]:
+    """What the base model of a generation was: its config entry and its weights' fingerprint (before adapters)."""
+    return {"name": model_cfg.name, "path": str(model_cfg.path), "revision": model_cfg.get("revision"),
+            "dtype": str(next(model.parameters()).dtype), "attention": model.config._attn_implementation,
+            "weights": weights_fingerprint(model)}

@@ -213,8 +213,10 @@ def training_identity(cfg: DictConfig) -> dict[str, Any]:
     return _without(cfg, RUN_ONLY_KEYS)
 
 
-def config_hash(cfg: DictConfig) -> str:
+def config_hash(cfg: DictConfig, inputs: str | None = None) -> str:
     """A hash of everything in the resolved config that changes a job's results (the checkout's location
-    left out), recorded in results.json: "skip complete jobs" compares it."""
-    text = json.dumps(_without(cfg, NOT_IN_RESULTS), sort_keys=True, default=str).replace(str(REPO_ROOT), "<ladm>")
+    left out), and of `inputs` (ladm-eval: the digest of the evaluated adapter's files), recorded in
+    results.json: "skip complete jobs" compares it."""
+    text = json.dumps([_without(cfg, NOT_IN_RESULTS), inputs] if inputs else _without(cfg, NOT_IN_RESULTS),
+                      sort_keys=True, default=str).replace(str(REPO_ROOT), "<ladm>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]

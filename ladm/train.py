@@ -22,7 +22,7 @@ from ladm.evaluation import EvalSet, Evaluator, read_test_sets, record_test_resu
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
 from ladm.metrics import Scorer
-from ladm.models import check_model_path, context_length, load_model, load_tokenizer
+from ladm.models import base_identity, check_model_path, context_length, load_model, load_tokenizer
 from ladm.schema import config_hash, training_identity, validate
 from ladm.tracking import Tracker
 from ladm.trainer import fit
@@ -87,6 +87,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
 
     set_seed(cfg.train.seed)  # adapter initialisation is seeded too
     model = load_model(cfg.model, tokenizer).to(dist.device)
+    base = base_identity(cfg.model, model)
     stop_ids = fmt.stop_ids(model.generation_config)
     model = method.prepare_model(model, tokenizer)
     if cfg.train.gradient_checkpointing:
@@ -129,6 +130,8 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
             method.save(model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
 
     final_step = cfg.train.max_steps * len(pair_cfgs)  # the trainer's last optimizer step
+    # what generates the test hypotheses: saved ones of any other model are never scored as this one's
+    evaluator.generated_by = {"base_model": base, "method": cfg.method.name, "state": method.state_digest(model)}
     if cfg.objective is not None:
         evaluate_validation(final_step)  # the sweeper's objective, on the final weights
     eval_started = time.perf_counter()

@@ -57,6 +57,12 @@ def test_a_run_folder_reloads_to_its_own_hypotheses(make_cfg, eval_cfg, files_ov
         expected = (tmp_path / "saved" / "files" / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()
         assert hypotheses(tmp_path / "eval", "files", pair) == expected
         assert results["metrics"][pair]["chrf++"] == pytest.approx(trained["metrics"][pair]["chrf++"])
+    # The reloaded state has the trained one's digest: with the run's predictions back, nothing is generated.
+    shutil.copytree(tmp_path / "saved", tmp_path / "run" / "predictions")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ladm_evaluation, "translate", lambda *a, **k: pytest.fail("generated again"))
+        again = evaluate(eval_cfg(f"evaluate.run={tmp_path / 'run'}"), tmp_path / "eval-again")
+    assert again["metrics"] == results["metrics"]
 
 
 def test_saved_hypotheses_are_scored_again_without_generating(make_cfg, eval_cfg, files_overrides, tmp_path,
@@ -72,6 +78,52 @@ def test_saved_hypotheses_are_scored_again_without_generating(make_cfg, eval_cfg
     assert results["metrics"]["zh-lo"]["chrf++"] == pytest.approx(trained["metrics"]["zh-lo"]["chrf++"])
     with pytest.raises(pytest.fail.Exception, match="generated again"):  # other decoding settings: generate
         evaluate(eval_cfg(f"evaluate.run={tmp_path / 'run'}", "eval.num_beams=2"), tmp_path / "eval-beams")
+
+
+LORA_RUN = ["method=lora", "train.max_steps=3", "train.batch_size=4", "train.warmup_ratio=0", "eval.max_new_tokens=8"]
+
+
+def test_a_rerun_with_another_lr_in_the_same_folder_generates_again(make_cfg, files_overrides, tmp_path):
+    """The folder's saved hypotheses came from other weights: the rerun's are those of a fresh run."""
+    train(make_cfg(*LORA_RUN, *files_overrides, "train.lr=1e-2"), tmp_path / "job")
+    old = hypotheses(tmp_path / "job", "files", "zh-lo")
+    rerun = train(make_cfg(*LORA_RUN, *files_overrides, "train.lr=3e-2"), tmp_path / "job")
+    fresh = train(make_cfg(*LORA_RUN, *files_overrides, "train.lr=3e-2"), tmp_path / "fresh")
+    assert hypotheses(tmp_path / "job", "files", "zh-lo") == hypotheses(tmp_path / "fresh", "files", "zh-lo") != old
+    assert rerun["metrics"] == fresh["metrics"]
+    meta = json.loads((tmp_path / "job" / "predictions" / "files" / "zh-lo.json").read_text())
+    assert meta["generated_by"]["base_model"]["name"] == "tiny-llama3" and meta["generated_by"]["method"] == "lora"
+
+
+def test_an_unchanged_rerun_scores_the_saved_hypotheses(make_cfg, files_overrides, tmp_path, monkeypatch):
+    """Scoring failed after generation; the rerun trains the same weights again (exact), so its model's
+    hypotheses are on disk already: scored, not generated."""
+    from ladm.metrics import Scorer
+
+    score = Scorer.score
+    monkeypatch.setattr(Scorer, "score", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("scorer down")))
+    with pytest.raises(RuntimeError, match="scorer down"):
+        train(make_cfg(*LORA_RUN, *files_overrides), tmp_path)
+    saved = hypotheses(tmp_path, "files", "zh-lo")
+    monkeypatch.setattr(Scorer, "score", score)
+    monkeypatch.setattr(ladm_evaluation, "translate", lambda *a, **k: pytest.fail("generated again"))
+    results = train(make_cfg(*LORA_RUN, *files_overrides), tmp_path)
+    assert results["status"] == "complete" and hypotheses(tmp_path, "files", "zh-lo") == saved
+
+
+def test_ladm_eval_after_the_adapter_was_replaced_generates_again(make_cfg, eval_cfg, files_overrides, tmp_path):
+    """Same command, same output folder, another adapter/ in the run folder: evaluated again (not skipped as
+    complete, saved hypotheses not reused), giving the new adapter's own hypotheses."""
+    for name, lr in (("a", "1e-2"), ("b", "3e-2")):
+        train(make_cfg(*LORA_RUN, *files_overrides, f"train.lr={lr}"), tmp_path / name)
+    command = eval_cfg(f"evaluate.run={tmp_path / 'a'}")
+    evaluate(command, tmp_path / "eval")
+    assert hypotheses(tmp_path / "eval", "files", "zh-lo") == hypotheses(tmp_path / "a", "files", "zh-lo")
+    assert hypotheses(tmp_path / "a", "files", "zh-lo") != hypotheses(tmp_path / "b", "files", "zh-lo")
+    shutil.rmtree(tmp_path / "a" / "adapter")
+    shutil.copytree(tmp_path / "b" / "adapter", tmp_path / "a" / "adapter")
+    evaluate(command, tmp_path / "eval")
+    assert hypotheses(tmp_path / "eval", "files", "zh-lo") == hypotheses(tmp_path / "b", "files", "zh-lo")
 
 
 def test_plain_peft_adapter_and_base_model(make_cfg, eval_cfg, files_overrides, tmp_path):

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from ladm import LadmError
 from ladm.distributed import DistEnv
+from ladm.models import tensors_digest
 
 
 def load_peft_adapters(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
@@ -77,6 +78,17 @@ class Method:
     def load(self, model: torch.nn.Module, folder: Path) -> torch.nn.Module:
         """Put the state `save` wrote back on the base `model`, for evaluation."""
         return load_peft_adapters(model, folder)
+
+    def trained_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Every tensor the method put on the base model (PEFT methods: all LoRA tensors of every adapter)."""
+        return {name: p for name, p in model.named_parameters() if "lora_" in name}
+
+    def state_digest(self, model: torch.nn.Module) -> str:
+        """The identity of the trained state for the predictions' fingerprint: `trained_state` and every LoRA
+        layer's scaling (LaDM's `forward` multipliers live there)."""
+        scalings = {name: dict(sorted(m.scaling.items())) for name, m in model.named_modules()
+                    if isinstance(getattr(m, "scaling", None), dict)}
+        return tensors_digest(self.trained_state(model), scalings)
 
     def describe(self) -> dict[str, Any]:
         """What the method decided (e.g. per-layer multipliers), for results.json and W&B."""

@@ -150,13 +150,18 @@ class LANDeRMT(Method):
     def select_adapters(self, model: nn.Module, pair: str) -> None:
         select_pair(model, pair)
 
-    def save(self, model: nn.Module, folder: Path) -> None:
+    def trained_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Unit indices, deltas and routers of every routed layer (what `save` writes)."""
         tensors = {}
         for l, ffn in routed_layers(model).items():
             tensors[f"layer{l}.general"] = ffn.general.cpu()
             tensors |= {f"layer{l}.specific.{pair}": units.cpu() for pair, units in ffn.specific.items()}
             tensors |= {f"layer{l}.delta.{key}": p.detach().cpu() for key, p in ffn.deltas.items()}
             tensors |= {f"layer{l}.router.{key}": p.detach().cpu() for key, p in ffn.routers.items()}
+        return tensors
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        tensors = self.trained_state(model)
         write_atomic(folder / "landermt.safetensors", lambda tmp: save_file(tensors, tmp))
         write_json_atomic(folder / "landermt.json", {"method": self.name, "model": self.cfg.model.name, "pairs": self.pairs,
                                                      "layers": sorted(routed_layers(model)),
