@@ -158,6 +158,13 @@ def label_rows(jobs: list[Job]) -> None:
     outside = sorted({k for flat in all_flats for k in flat if not k.startswith(IGNORED_KEYS + ("method.", "strength.",
                                                                                                "probe.", "model."))})
     context_keys = [k for k in outside if len({str(flat.get(k)) for flat in all_flats}) > 1]
+    # data.* paths follow the pair; a data key that varies among the jobs of one pair is another context
+    by_pair: dict[str, list[dict]] = defaultdict(list)
+    for job, flat in zip(jobs, all_flats, strict=True):
+        by_pair[json.dumps(job.results["pairs"])].append(flat)
+    data_keys = sorted({k for flats in by_pair.values() for k in {k for f in flats for k in f if k.startswith("data.")}
+                        if len({str(f.get(k)) for f in flats}) > 1})
+    context_keys += data_keys
     by_method: dict[str, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         by_method[job.results["method"]].append(i)
@@ -176,6 +183,7 @@ def label_rows(jobs: list[Job]) -> None:
             for k in varying:
                 shown = k.removeprefix("method.").removeprefix("strength.")
                 parts.append(str(flat.get(k)) if k in PRESET_KEYS else f"{shown}={flat.get(k)}")
+            parts += [f"{k}={flat.get(k)}" for k in data_keys]
             job.row = " ".join(parts)
             job.context = (job.model, *((k, str(flat.get(k))) for k in context_keys))
 

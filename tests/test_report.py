@@ -30,7 +30,7 @@ def chrf(hyps):
 
 
 def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-devtest", status="complete", seed=1,
-             experiment="synthetic", job_num=None, examples=16):
+             experiment="synthetic", job_num=None, examples=16, data=None):
     job = root / name
     write_lines_atomic(job / "predictions" / test_set / f"{pair}.hyp", hyps)
     write_lines_atomic(job / "predictions" / test_set / f"{pair}.ref", REFS)
@@ -38,7 +38,8 @@ def fake_job(root, name, method, pair, hyps, strength=None, test_set="flores200-
         (job / ".hydra").mkdir(parents=True, exist_ok=True)
         (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {job_num}\n")
     config = {"name": experiment, "model": {"name": "tiny-llama3"}, "method": {"name": method}, "pair": {"name": pair},
-              "train": {"seed": seed}, "logger": {"name": "none", "mode": "disabled"}}
+              "train": {"seed": seed}, "logger": {"name": "none", "mode": "disabled"},
+              "data": {"name": "flores200", "train": {"src": f"{pair}.src"}, **(data or {})}}
     details = {}
     if strength is not None:
         config["strength"] = {"name": f"s{strength}", "alpha": strength, "beta": strength}
@@ -148,6 +149,21 @@ def test_rows_with_another_training_budget_are_marked(tmp_path):
     assert ("‡: the training budget differs between rows: lora 2 optimizer steps and 16 training examples per pair; "
             "ladm 2 optimizer steps and 16 training examples per pair; mlas_lora 2 optimizer steps and 4 training "
             "examples per pair.") in markdown
+
+
+def test_rows_trained_on_other_data_get_their_own_baseline(tmp_path):
+    """data.* paths follow the pair, but data.max_train_samples differing within a pair is another context."""
+    for pair in ("zh-lo", "zh-km"):
+        for samples, (lora, ladm) in ((100, (POOR, GOOD)), (200, (POOR2, GOOD2))):
+            extra = {"data": {"max_train_samples": samples}}
+            fake_job(tmp_path, f"lora-{pair}-{samples}", "lora", pair, lora, **extra)
+            fake_job(tmp_path, f"ladm-{pair}-{samples}", "ladm", pair, ladm, strength=1.0, **extra)
+    markdown = report(tmp_path, wandb_log=False)["md"].read_text()
+    for samples, (lora, ladm) in ((100, (POOR, GOOD)), (200, (POOR2, GOOD2))):
+        assert f"| ladm data.max_train_samples={samples} | " in markdown
+        assert f"| lora data.max_train_samples={samples} | " in markdown
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| ladm data.max_train_samples={samples} |"))
+        assert row.rsplit("|", 2)[1].strip() == f"{chrf(ladm) - chrf(lora):+.2f}"
 
 
 def test_ladm_at_strength_zero_is_the_baseline_without_lora(tmp_path):
