@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,19 @@ log = logging.getLogger(__name__)
 VERSIONED = ("torch", "transformers", "peft", "sacrebleu", "unbabel-comet", "hydra-core", "wandb", "ladm")
 
 
+def installed_version(name: str) -> str | None:
+    """The installed version of a distribution; None when it is not installed (an optional part: COMET, W&B)."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def versions() -> dict[str, object]:
-    """The versions of the packages a result depends on, and the checkout's git commit, for results.json."""
-    return {name: version(name) for name in VERSIONED} | {"python": platform.python_version(),
-                                                          "ladm_source": source_revision()}
+    """The versions of the packages a result depends on (None: not installed), and the checkout's git commit,
+    for results.json."""
+    return {name: installed_version(name) for name in VERSIONED} | {"python": platform.python_version(),
+                                                                    "ladm_source": source_revision()}
 
 
 def source_revision() -> dict[str, object] | None:

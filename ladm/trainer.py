@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from ladm import LadmError
 from ladm.checkpoint import all_finite, rng_state, save_checkpoint, set_rng_state, trained_parameters
 from ladm.data import IGNORE_INDEX, Example, collate
 from ladm.distributed import DistEnv
+from ladm.files import write_lines_atomic
 from ladm.losses import answer_loss
 from ladm.methods import Method
 from ladm.tracking import Tracker
@@ -168,7 +170,9 @@ def fit(
     progress = tqdm(range(first_step, total_steps + 1), desc="train", disable=not dist.is_main,
                     initial=first_step - 1, total=total_steps)
     stop = StopSignals()
+    step_log = StepLog(out_dir / "train_log.jsonl", first_step) if dist.is_main else None
     for step in progress:
+        step_started = time.perf_counter()
         fault_signal(step)
         pair = pairs[(step - 1) % len(pairs)]
         micro_batches = [next(batches[pair]) for _ in range(train_cfg.grad_accum)]
@@ -195,12 +199,18 @@ def fit(
         metrics = {f"grad_norm/{name}": _grad_norm(params)
                    for name, params in method.grad_norm_groups(model).items()} if log_now else {}
         metrics["grad_norm/total"] = float(torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm))
+        applied_lr = learning_rates(train_cfg.lr, base_lrs, scheduler.get_last_lr(), optimizer)["train/lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         losses.append(mean_loss)
         progress.set_postfix(loss=f"{mean_loss:.3f}")
+        if step_log is not None:
+            seconds = time.perf_counter() - step_started
+            step_log.write({"step": step, "pair": pair, "loss": mean_loss, "lr": applied_lr,
+                            "grad_norm": metrics["grad_norm/total"], "tokens": int(n_tokens),
+                            "tokens_per_s": int(n_tokens) / seconds, "seconds": seconds})
         if log_now:
             window = losses[-(step - (step - 1) // train_cfg.log_every * train_cfg.log_every):]
             tracker.log({"train/loss": sum(window) / len(window), "train/loss_step": mean_loss,
@@ -215,9 +225,36 @@ def fit(
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < total_steps:
             checkpoint(step)
     stop.restore()
+    if step_log is not None:
+        step_log.close()
     model.eval()
     return {"steps": total_steps, "steps_per_pair": train_cfg.max_steps, "examples_seen": seen,
             "losses": losses, "final_loss": losses[-1], "seconds": time.perf_counter() - start}
+
+
+class StepLog:
+    """`train_log.jsonl` in the run folder, with or without W&B: one JSON line per optimizer step (pair, loss, the
+    learning rate applied, the gradient norm before clipping, answer tokens, tokens/s), flushed as it happens. On
+    resume, lines from the resumed step on (and a line cut by a kill) are dropped first."""
+
+    def __init__(self, path: Path, first_step: int):
+        kept = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] < first_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        write_lines_atomic(path, kept)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run, closed in close()
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:

@@ -93,6 +93,10 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(files_overr
     expected, again = adapters(tmp_path / "whole"), adapters(killed)
     assert expected.keys() == again.keys() and len(expected) > 0
     assert all(torch.equal(expected[name], again[name]) for name in expected)
+    logged = {name: [(r["step"], r["pair"], r["loss"]) for r in map(json.loads, (folder / "train_log.jsonl").read_text()
+                                                                   .splitlines())]
+              for name, folder in (("whole", tmp_path / "whole"), ("killed", killed))}
+    assert logged["killed"] == logged["whole"] and len(logged["whole"]) == 8  # steps 5–8 once, after the resume
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(files_overrides, tmp_path, cache_dir):

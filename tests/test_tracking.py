@@ -76,3 +76,20 @@ def test_loss_is_averaged_over_the_logging_window_and_every_layer_rate_is_logged
             if f"train/lr/layer{layer}" in row:
                 assert row[f"train/lr/layer{layer}"] == pytest.approx(3e-4 * multiplier)
     assert len([k for k in logged[0] if k.startswith("train/lr/layer")]) == sum(m != 0 for m in multipliers)
+
+
+def test_wandb_project_and_entity_come_from_wandbs_own_variables(make_cfg, tmp_path, monkeypatch):
+    import wandb
+
+    from ladm.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_PROJECT", "lowres-mt")
+    monkeypatch.setenv("WANDB_ENTITY", "my-lab")
+    seen = {}
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs))
+    Tracker(make_cfg("logger=wandb"), tmp_path)
+    assert (seen["project"], seen["entity"]) == ("lowres-mt", "my-lab")
+    monkeypatch.delenv("WANDB_PROJECT")
+    monkeypatch.delenv("WANDB_ENTITY")
+    Tracker(make_cfg("logger=wandb", "logger.entity=other"), tmp_path)
+    assert (seen["project"], seen["entity"]) == ("ladm", "other")

@@ -1,6 +1,7 @@
 """The real entry point end to end on tiny models and tiny data (torchtune style)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,11 @@ def test_lora_loss_falls_and_adapter_reloads_with_same_generations(make_cfg, fil
 
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["status"] == "complete" and written["method"] == "lora"
+    steps = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]  # W&B off
+    assert [s["step"] for s in steps] == list(range(1, 21)) and [s["loss"] for s in steps] == losses
+    # the rate applied at step s under the cosine schedule without warm-up: lr·½(1 + cos(π(s−1)/20))
+    assert [s["lr"] for s in steps] == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * k / 20)) for k in range(20)])
+    assert all(s["tokens"] > 0 and s["tokens_per_s"] > 0 and s["grad_norm"] > 0 for s in steps)
     assert set(written["versions"]) >= {"torch", "transformers", "peft", "sacrebleu"}
     hyps = (tmp_path / "predictions" / "files" / "zh-lo.hyp").read_text(encoding="utf-8").splitlines()
     refs = (tmp_path / "predictions" / "files" / "zh-lo.ref").read_text(encoding="utf-8").splitlines()
