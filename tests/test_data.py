@@ -124,7 +124,7 @@ def test_prompt_is_a_config_group(make_cfg):
                         "prompt.template='{src_name} → {tgt_name}: {src} ='")
     chat_tokenizer = load_tokenizer(chat_cfg.model)
     expected = chat_tokenizer.apply_chat_template([{"role": "user", "content": "Chinese → Lao: 你好 ="}],
-                                                  add_generation_prompt=True, tokenize=True)
+                                                  add_generation_prompt=True, tokenize=True, return_dict=False)
     assert SequenceFormat.from_cfg(chat_tokenizer, chat_cfg).prompt_ids(["你好"], chat_cfg.pair) == [list(expected)]
     for bad, message in (("'{source}'", "got {source}"), ("'no placeholder'", "got no {src}")):
         with pytest.raises(LadmError, match=re.escape(message)):

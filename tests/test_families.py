@@ -45,14 +45,12 @@ def test_chat_sequences_equal_the_tokenizers_own_template(make_cfg, family, pair
     for example, src, tgt in zip(fmt.encode(corpus, cfg.pair), corpus.src, corpus.tgt, strict=True):
         user = [{"role": "user", "content": render_prompt(src, cfg.pair)}]
         conversation = user + [{"role": "assistant", "content": tgt}]
-        expected = tok.apply_chat_template(conversation, tokenize=True, **kwargs)
-        expected = expected["input_ids"] if isinstance(expected, dict) else list(expected)
+        expected = tok.apply_chat_template(conversation, tokenize=True, return_dict=False, **kwargs)
         n = len(example.input_ids)
         assert example.input_ids == expected[:n]
         assert tok.decode(expected[n:]).strip() == ""  # only the template's trailing newline is left out
         assert tok.convert_ids_to_tokens(example.input_ids[-1]) == end_of_turn
-        prompt = tok.apply_chat_template(user, tokenize=True, add_generation_prompt=True, **kwargs)
-        prompt = prompt["input_ids"] if isinstance(prompt, dict) else list(prompt)
+        prompt = tok.apply_chat_template(user, tokenize=True, add_generation_prompt=True, return_dict=False, **kwargs)
         assert example.labels == [-100] * len(prompt) + example.input_ids[len(prompt):]
         assert tok.decode(example.input_ids[len(prompt):-1]) == tgt  # the answer right after the prompt, no space
         tokens = tok.convert_ids_to_tokens(example.input_ids)
