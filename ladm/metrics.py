@@ -8,6 +8,7 @@ SentencePiece model. A score computed with any other SentencePiece model is repo
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import unicodedata
@@ -101,8 +102,16 @@ def load_encoder_files(encoder: str, local_files_only: bool) -> None:
     AutoTokenizer.from_pretrained(encoder, local_files_only=local_files_only)
 
 
+def comet_installed() -> bool:
+    return importlib.util.find_spec("comet") is not None
+
+
 def comet_problem(name: str) -> str | None:
-    """Why COMET `name` cannot be loaded offline: its checkpoint, or its encoder's tokenizer/config, is not here."""
+    """Why COMET `name` cannot be scored here: unbabel-comet is not installed, or its checkpoint, or its encoder's
+    tokenizer/config, is not here (offline)."""
+    if not comet_installed():
+        return ("unbabel-comet is not installed in this environment (it is the optional extra ladm[comet]; its "
+                "last release needs transformers<5 and numpy<2, as in `make install`'s locked environment)")
     checkpoint = comet_checkpoint(name)
     if checkpoint is None:
         return f"the COMET checkpoint '{name}' is not in the Hugging Face cache or a local folder"
@@ -143,6 +152,8 @@ def fetch_missing(eval_cfg: DictConfig, problems: dict[str, str]) -> dict[str, s
     fetchers = {"spbleu": fetch_spm, "comet": lambda: fetch_comet(eval_cfg.comet.model)}
     errors = {}
     for metric in problems:
+        if metric == "comet" and not comet_installed():
+            continue  # nothing to download with
         log.info("fetching the %s model ...", metric)
         try:
             fetchers[metric]()

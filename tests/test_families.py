@@ -181,3 +181,45 @@ def test_every_method_on_every_family_with_chat_template(make_cfg, files_overrid
     assert results["train"]["max_length"] >= 1
     if method == "ladm":
         assert len(results["method_details"]["delta_r"]) == 4
+
+
+def test_newline_stop_is_built_once_and_stops_like_transformers_stop_strings(make_cfg, monkeypatch):
+    """Forced to write "a", "a", "\\n", "a", ...: translate stops at the newline exactly as transformers'
+    `generate(stop_strings=["\\n"])` does, and builds the stop criterion once for any number of calls."""
+    from transformers import StopStringCriteria
+
+    from ladm.generation import first_line, newline_stop
+
+    cfg, tok, fmt = family_format(make_cfg, "llama3", False)
+    model = load_model(cfg.model, tok).eval()
+    stop_ids = fmt.stop_ids(model.generation_config)
+    prompts = fmt.prompt_ids(["你好", "今天天气很好。"], cfg.pair)
+    letter, newline = tok("a", add_special_tokens=False).input_ids[0], tok("\n", add_special_tokens=False).input_ids[0]
+    calls = {"n": 0}
+
+    def force(module, args, output):
+        calls["n"] += 1
+        output = output.clone()
+        output[..., newline if calls["n"] == 3 else letter] += 1e4
+        return output
+
+    built = []
+    original = StopStringCriteria.__init__
+    monkeypatch.setattr(StopStringCriteria, "__init__", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
+    newline_stop.cache_clear()
+    handle = model.get_output_embeddings().register_forward_hook(force)
+    try:
+        outputs = []
+        for _ in range(2):
+            calls["n"] = 0
+            outputs.append(translate(model, tok, prompts, stop_ids, batch_size=2, max_new_tokens=8))
+        assert len(built) == 1 and outputs[0] == outputs[1]
+        assert outputs[0].hit_budget == [False, False] and outputs[0].hypotheses == ["aa", "aa"]
+        for prompt, hypothesis in zip(prompts, outputs[0].hypotheses, strict=True):
+            calls["n"] = 0
+            out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=stop_ids, pad_token_id=tok.pad_token_id, stop_strings=["\n"], tokenizer=tok)
+            assert out.shape[1] == len(prompt) + 3  # stopped right after the newline
+            assert first_line(tok.decode(out[0, len(prompt):], skip_special_tokens=True)) == hypothesis
+    finally:
+        handle.remove()
