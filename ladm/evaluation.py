@@ -210,21 +210,33 @@ class Evaluator:
 
 def score(scorer: Scorer, eval_set: EvalSet, outputs: dict[str, list[str]], targets: dict[str, str],
           tracker: Tracker, step: int) -> dict[str, tuple[dict, dict]]:
-    """Per pair, corpus metrics (with the off-target `target_script_ratio`) and sacrebleu signatures; COMET on
-    test sets only, every pair in one call. `targets`: each pair's target language code."""
+    """Per pair, corpus metrics (with the off-target `target_script_ratio`) and sacrebleu signatures (COMET: see
+    `score_comet`). `targets`: each pair's target language code."""
     scored = {}
     for pair, hypotheses in outputs.items():
         corpus = eval_set.corpora[pair]
         metrics, signatures = scorer.score(corpus.src, hypotheses, corpus.tgt, comet=False)
         scored[pair] = (metrics | {"target_script_ratio": target_script_ratio(hypotheses, targets[pair])}, signatures)
-    if eval_set.is_test and "comet" in scorer.eval_cfg.metrics:
-        comet = scorer.comet_by_pair({pair: (eval_set.corpora[pair].src, hyps, eval_set.corpora[pair].tgt)
-                                      for pair, hyps in outputs.items()})
-        for pair, value in comet.items():
-            scored[pair][0]["comet"] = value
     for pair, (metrics, _) in scored.items():
         tracker.log({f"{eval_set.name}/{pair}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
     return scored
+
+
+def score_comet(scorer: Scorer, test_sets: list[EvalSet], outputs: dict[str, dict[str, list[str]]],
+                scored: dict[str, dict[str, tuple[dict, dict]]], out_dir: Path, tracker: Tracker, step: int) -> None:
+    """COMET of every pair of every test set in one call (one model load), into `scored`; each pair's segment
+    scores saved as `predictions/<test set>/<pair>.comet` (one per line, in the order of the hypotheses)."""
+    if "comet" not in scorer.eval_cfg.metrics:
+        return
+    keys = {f"{s.name}\t{pair}": (s, pair) for s in test_sets for pair in outputs[s.name]}
+    values = scorer.comet_by_pair({key: (s.corpora[pair].src, outputs[s.name][pair], s.corpora[pair].tgt)
+                                   for key, (s, pair) in keys.items()})
+    for key, (s, pair) in keys.items():
+        scored[s.name][pair][0]["comet"] = values[key]
+        if values[key] is not None:
+            write_lines_atomic(out_dir / "predictions" / s.name / f"{pair}.comet",
+                               [f"{v:.6f}" for v in scorer.comet_segments[key]])
+            tracker.log({f"{s.name}/{pair}/comet": values[key]}, step=step)
 
 
 def record_test_results(results: dict, out_dir: Path, scorer: Scorer, evaluator: Evaluator, test_sets: list[EvalSet],
@@ -235,6 +247,7 @@ def record_test_results(results: dict, out_dir: Path, scorer: Scorer, evaluator:
     with the error (the predictions are already on disk) and re-raises. Then the W&B samples tables and summary."""
     try:
         scored = {s.name: score(scorer, s, outputs[s.name], targets, tracker, step) for s in test_sets}
+        score_comet(scorer, test_sets, outputs, scored, out_dir, tracker, step)
     except Exception as err:
         write_json_atomic(out_dir / "results.json", results | {
             "status": "failed", "error": f"scoring failed: {type(err).__name__}: {err}",

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import subprocess
+import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from sacrebleu.metrics import BLEU, CHRF
 
-from ladm import LadmError
+from ladm import REPO_ROOT, LadmError
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +106,52 @@ def load_encoder_files(encoder: str, local_files_only: bool) -> None:
 
 
 def comet_installed() -> bool:
-    return importlib.util.find_spec("comet") is not None
+    """unbabel-comet can score in this process: installed, with the transformers < 5 its releases need (2.2.7
+    imports under transformers 5 but fails when it loads a checkpoint)."""
+    import transformers
+
+    return importlib.util.find_spec("comet") is not None and int(transformers.__version__.split(".")[0]) < 5
 
 
-def comet_problem(name: str) -> str | None:
-    """Why COMET `name` cannot be scored here: unbabel-comet is not installed, or its checkpoint, or its encoder's
+WORKER = Path(__file__).with_name("comet_worker.py")
+
+
+def comet_python(eval_cfg: DictConfig) -> str | None:
+    """The Python whose environment scores COMET through the worker, or None to score in this process.
+    `eval.comet.python` when set; else this process when unbabel-comet imports here; else `$LADM_COMET_PYTHON`;
+    else the checkout's `.venv-comet` (built by `make install`) if it exists; else None."""
+    given = eval_cfg.comet.get("python")
+    if given:
+        return str(Path(given).expanduser())
+    if comet_installed():
+        return None
+    found = os.environ.get("LADM_COMET_PYTHON") or str(REPO_ROOT / ".venv-comet" / "bin" / "python")
+    return found if Path(found).is_file() else None
+
+
+def worker_problem(python: str) -> str | None:
+    """Why the COMET environment at `python` cannot score (not runnable, or unbabel-comet does not import there)."""
+    try:
+        check = subprocess.run([python, "-c", "import comet"], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"the COMET environment's Python {python} cannot run ({type(err).__name__}: {err})"
+    if check.returncode != 0:
+        last = (check.stderr.strip().splitlines() or ["?"])[-1]
+        return f"unbabel-comet does not import in {python} ({last}): rebuild it with `make install`"
+    return None
+
+
+def comet_problem(eval_cfg: DictConfig) -> str | None:
+    """Why COMET cannot be scored here: no environment with unbabel-comet, or its checkpoint, or its encoder's
     tokenizer/config, is not here (offline)."""
-    if not comet_installed():
-        return ("unbabel-comet is not installed in this environment (it is the optional extra ladm[comet]; its "
-                "last release needs transformers<5 and numpy<2, as in `make install`'s locked environment)")
+    name = eval_cfg.comet.model
+    python = comet_python(eval_cfg)
+    if python is None and not comet_installed():
+        return ("unbabel-comet is not installed here and no COMET environment was found (its last release needs "
+                "transformers<5 and numpy<2): `make install` builds .venv-comet beside .venv; elsewhere set "
+                "eval.comet.python (or LADM_COMET_PYTHON) to the Python of an environment with unbabel-comet 2.2")
+    if python is not None and (problem := worker_problem(python)):
+        return problem
     checkpoint = comet_checkpoint(name)
     if checkpoint is None:
         return f"the COMET checkpoint '{name}' is not in the Hugging Face cache or a local folder"
@@ -125,11 +165,19 @@ def comet_problem(name: str) -> str | None:
     return None
 
 
-def fetch_comet(name: str) -> None:
-    """COMET's own `download_model` (the checkpoint), then its encoder's tokenizer and config."""
-    from comet import download_model
+def fetch_comet(eval_cfg: DictConfig) -> None:
+    """COMET's own `download_model` (the checkpoint; in the COMET environment when that is another one), then its
+    encoder's tokenizer and config."""
+    name, python = eval_cfg.comet.model, comet_python(eval_cfg)
+    if python is None:
+        from comet import download_model
 
-    encoder = comet_encoder(Path(download_model(name)))
+        folder = download_model(name)
+    else:
+        code = "import sys; from comet import download_model; print(download_model(sys.argv[1]))"
+        fetched = subprocess.run([python, "-c", code, name], capture_output=True, text=True, check=True)
+        folder = fetched.stdout.strip().splitlines()[-1]
+    encoder = comet_encoder(Path(folder))
     if encoder is not None:
         load_encoder_files(encoder, local_files_only=False)
 
@@ -142,17 +190,17 @@ def online() -> bool:
 def metric_problems(eval_cfg: DictConfig) -> dict[str, str]:
     """Per requested metric that needs a model (spbleu, comet), why it cannot be computed right now."""
     problems = {"spbleu": spm_problem() if "spbleu" in eval_cfg.metrics else None,
-                "comet": comet_problem(eval_cfg.comet.model) if "comet" in eval_cfg.metrics else None}
+                "comet": comet_problem(eval_cfg) if "comet" in eval_cfg.metrics else None}
     return {metric: problem for metric, problem in problems.items() if problem}
 
 
 def fetch_missing(eval_cfg: DictConfig, problems: dict[str, str]) -> dict[str, str]:
     """Let sacrebleu and COMET download what `problems` names; returns what is still missing afterwards
     (with the download error, if one happened)."""
-    fetchers = {"spbleu": fetch_spm, "comet": lambda: fetch_comet(eval_cfg.comet.model)}
+    fetchers = {"spbleu": fetch_spm, "comet": lambda: fetch_comet(eval_cfg)}
     errors = {}
     for metric in problems:
-        if metric == "comet" and not comet_installed():
+        if metric == "comet" and not comet_installed() and comet_python(eval_cfg) is None:
             continue  # nothing to download with
         log.info("fetching the %s model ...", metric)
         try:
@@ -183,7 +231,10 @@ class Scorer:
     eval_cfg: DictConfig
     spm_status: str = "absent"  # official | unofficial | missing | absent (not requested)
     comet_ckpt: Path | None = None
+    comet_python: str | None = None  # the COMET environment's worker; None: in this process
     skipped: dict[str, str] = field(default_factory=dict)
+    comet_loads: int = 0  # checkpoint loads (in this process: once; through the worker: once per call)
+    comet_segments: dict[str, list[float]] = field(default_factory=dict)  # the last call's segment scores per pair
     _comet_model: Any = None  # loaded once per process, on first use
 
     @classmethod
@@ -212,6 +263,7 @@ class Scorer:
                                  "unofficial" if "spbleu" in problems else "official")
         if "comet" in eval_cfg.metrics and "comet" not in problems:
             scorer.comet_ckpt = comet_checkpoint(eval_cfg.comet.model)
+            scorer.comet_python = comet_python(eval_cfg)
         return scorer
 
     def score(self, sources: list[str], hypotheses: list[str], references: list[str],
@@ -236,24 +288,49 @@ class Scorer:
         return metrics, signatures
 
     def comet_by_pair(self, triples: dict[str, tuple[list[str], list[str], list[str]]]) -> dict[str, float | None]:
-        """COMET system score (the mean of its segment scores) of every pair, all pairs in one `predict` call
-        with the model loaded once per process; null when the checkpoint is missing (`eval.on_missing=skip`)."""
+        """COMET system score (the mean of its segment scores) of every pair, all pairs in one `predict` call (in
+        this process, the model loaded once per process; or through the COMET environment's worker, one load per
+        call); null when the checkpoint is missing (`eval.on_missing=skip`). The segment scores of each pair are
+        kept in `comet_segments`."""
         if self.comet_ckpt is None:
             return {pair: None for pair in triples}
-        if self._comet_model is None:
-            from comet import load_from_checkpoint
-
-            self._comet_model = load_from_checkpoint(str(self.comet_ckpt), local_files_only=True)
         samples, owners = [], []
         for pair, (sources, hypotheses, references) in triples.items():
             samples += [{"src": s, "mt": h, "ref": r} for s, h, r in zip(sources, hypotheses, references, strict=True)]
             owners += [pair] * len(sources)
-        output = self._comet_model.predict(samples, batch_size=self.eval_cfg.comet.batch_size,
-                                           gpus=1 if torch.cuda.is_available() else 0, num_workers=0, progress_bar=True)
-        by_pair: dict[str, list[float]] = {pair: [] for pair in triples}
-        for pair, score in zip(owners, output.scores, strict=True):
-            by_pair[pair].append(float(score))
-        return {pair: sum(scores) / len(scores) for pair, scores in by_pair.items()}
+        scores = self._segment_scores(samples)
+        self.comet_segments = {pair: [] for pair in triples}
+        for pair, score in zip(owners, scores, strict=True):
+            self.comet_segments[pair].append(score)
+        return {pair: sum(values) / len(values) for pair, values in self.comet_segments.items()}
+
+    def _segment_scores(self, samples: list[dict[str, str]]) -> list[float]:
+        batch_size = self.eval_cfg.comet.batch_size
+        if self.comet_python is None:
+            if self._comet_model is None:
+                from comet import load_from_checkpoint
+
+                self._comet_model = load_from_checkpoint(str(self.comet_ckpt), local_files_only=True)
+                self.comet_loads += 1
+            output = self._comet_model.predict(samples, batch_size=batch_size, num_workers=0, progress_bar=True,
+                                               gpus=1 if torch.cuda.is_available() else 0)
+            return [float(score) for score in output.scores]
+        with tempfile.TemporaryDirectory(prefix="ladm-comet-") as folder:
+            request, response = Path(folder) / "request.json", Path(folder) / "response.json"
+            request.write_text(json.dumps({"checkpoint": str(self.comet_ckpt), "batch_size": batch_size,
+                                           "device": self.eval_cfg.comet.get("device", "auto"), "samples": samples}),
+                               encoding="utf-8")
+            self.comet_loads += 1
+            done = subprocess.run([self.comet_python, str(WORKER), str(request), str(response)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0 or not response.is_file():
+                last = "\n".join(done.stderr.strip().splitlines()[-5:])
+                raise LadmError(f"the COMET worker ({self.comet_python}) failed with exit code {done.returncode}: "
+                                f"{last}")
+            scores = json.loads(response.read_text(encoding="utf-8"))["scores"]
+        if len(scores) != len(samples):
+            raise LadmError(f"the COMET worker returned {len(scores)} scores for {len(samples)} samples")
+        return [float(score) for score in scores]
 
 
 # Unicode blocks of the target scripts of the LaDM pairs (the Latin-script targets have no off-target measure).

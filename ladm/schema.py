@@ -109,7 +109,8 @@ COMMON: dict[str, Rule] = {
     "eval.metrics": Rule("list", choices=("chrf++", "spbleu", "comet"), nonempty=True),
     "eval.fetch": BOOL, "eval.test_sets": Rule("list", choices=TEST_SETS, nullable=True, nonempty=True),
     "eval.comet.model": STR,
-    "eval.comet.batch_size": INT_POS,
+    "eval.comet.batch_size": INT_POS, "eval.comet.python": Rule("str", nullable=True),
+    "eval.comet.device": Rule("str", choices=("auto", "cpu", "cuda")),
     "evaluate.run": Rule("str", nullable=True), "evaluate.adapter": Rule("str", nullable=True),
     "logger.name": Rule("str", choices=("wandb", "none")),
     "logger.mode": Rule("str", choices=("offline", "online", "disabled")),
@@ -194,7 +195,8 @@ RUN_ONLY_KEYS = ("name", "force", "cache_dir", "logger", "eval", "objective", "t
 # Of those, the ones that change no number in results.json either (the eval settings do).
 NOT_IN_RESULTS = ("name", "force", "cache_dir", "logger", "train.resume", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.log_every", "train.save_adapter", "eval.batch_size",
-                  "eval.n_samples", "eval.fetch", "eval.comet.batch_size")
+                  "eval.n_samples", "eval.fetch", "eval.comet.batch_size", "eval.comet.python",
+                  "eval.comet.device")
 
 
 def _without(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
