@@ -188,20 +188,39 @@ def test_cli_several_test_sets_and_the_report(tmp_path, cache_dir):
         assert float(rows[0]["mean"]) == pytest.approx(results["test_sets"][shown]["metrics"]["zh-km"]["chrf++"])
 
 
-def test_cli_multirun_over_run_folders(make_cfg, files_overrides, tmp_path, cache_dir):
-    """`ladm-eval -m` over sweep job folders, whose names hold '=' and ',': quoted as the README shows."""
-    runs = [tmp_path / "sweep" / f"method=zero_shot,seed={seed}" for seed in (1, 2)]
+def readme_command(start: str) -> str:
+    """The README's command line that starts with `start`, as printed."""
+    return next(line for line in (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines() if line.startswith(start))
+
+
+def test_readme_ladm_eval_commands_run_as_printed(make_cfg, files_overrides, tmp_path, cache_dir):
+    """The README's `ladm-eval` lines over sweep job folders (names hold '=' and ','), run by bash exactly as
+    printed: only the sweep folder, `<job>` and `ladm-eval` itself (→ this Python) are substituted, and small-run
+    settings appended. The sweep's report/ and wandb/ folders are not jobs."""
+    sweep = tmp_path / "multirun" / "my_sweep"
+    runs = [sweep / f"method=zero_shot,pair=zh-km,seed={seed}" for seed in (1, 2)]
     for seed, folder in enumerate(runs, 1):
-        train(make_cfg("method=zero_shot", f"train.seed={seed}", "eval.max_new_tokens=2", *files_overrides), folder)
-    quoted = ",".join(f"'{folder}'" for folder in runs)
-    proc = subprocess.run(
-        [sys.executable, "-m", "ladm.evaluate", "-m", f"evaluate.run={quoted}", "eval.max_new_tokens=3",
-         "logger=none", f"cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path / 'eval'}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = [json.loads(p.read_text()) for p in (tmp_path / "eval").rglob("results.json")]
-    assert sorted(r["evaluated"]["path"] for r in found) == sorted(map(str, runs))
-    assert all(r["max_new_tokens"] == {"zh-lo": 3} and r["status"] == "complete" for r in found)
+        train(make_cfg("method=zero_shot", "pair=zh-km", f"train.seed={seed}", "eval.max_new_tokens=2",
+                       "eval.max_samples=2", "data.max_train_samples=16"), folder)
+    (sweep / "report").mkdir()
+    (sweep / "wandb").mkdir()
+    small = f" eval.max_new_tokens=3 eval.max_samples=2 logger=none cache_dir={cache_dir}"
+    ladm_eval = f"{sys.executable} -m ladm.evaluate"
+    many = readme_command('ladm-eval -m "evaluate.run=$(ls multirun/my_sweep/').replace("multirun/my_sweep", str(sweep))
+    one = readme_command('ladm-eval "evaluate.run=').replace("multirun/ladm_vs_lora/<job>", str(runs[0]))
+    for name, command in (("many", many), ("one", one)):
+        command = command.replace("ladm-eval", ladm_eval, 1)
+        out = tmp_path / f"eval-{name}"
+        where = f" hydra.sweep.dir={out}" if name == "many" else f" hydra.run.dir={out}"
+        proc = subprocess.run(["bash", "-c", command.split("  #")[0] + small + where], cwd=REPO_ROOT,
+                              capture_output=True, text=True, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found = [json.loads(p.read_text()) for p in out.rglob("results.json")]
+        expected = runs if name == "many" else runs[:1]
+        assert sorted(r["evaluated"]["path"] for r in found) == sorted(map(str, expected))
+        assert all(r["status"] == "complete" and r["max_new_tokens"] == {"zh-km": 3} for r in found)
+    assert list(json.loads(next((tmp_path / "eval-one").rglob("results.json")).read_text())["test_sets"]) == [
+        "flores200-devtest", "ntrex128", "tico19"]
 
 
 @pytest.mark.parametrize("args,message", [
