@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ladm.analysis.relevance import LayerRelevance, activation_disparity, layer_relevance, normalise, probe_key
+from ladm.analysis.relevance import LayerRelevance, activation_disparity, layer_relevance, normalise, pair_probe_key
 from ladm.data import render_prompt
 from ladm.methods.ladm import Selection
 from ladm.models import load_model, load_tokenizer
@@ -139,10 +139,30 @@ def test_zero_strength_is_identity():
 
 
 def test_probe_cache_key_ignores_what_does_not_change_r(make_cfg):
-    base = probe_key(make_cfg("method=ladm"))
-    assert probe_key(make_cfg("method=ladm", "strength=s1", "probe.normalisation=zscore")) == base
-    assert probe_key(make_cfg("method=ladm", "probe.n_sentences=10")) != base
-    assert probe_key(make_cfg("method=ladm", "pair=zh-km")) != base
+    key = lambda *o: pair_probe_key(cfg := make_cfg("method=ladm", *o), cfg)  # noqa: E731
+    base = key()
+    assert key("strength=s1", "probe.normalisation=zscore", "probe.reference_pair=en-zh") == base
+    assert key("probe.n_sentences=10") != base and key("pair=zh-km") != base and key("probe.input=prompt") != base
+
+
+def test_the_reference_pair_is_measured_once_for_any_number_of_target_pairs(make_cfg, tmp_path, monkeypatch):
+    """Three LaDM pairs probe zh-en once (4 measurements, not 6); each R equals a measurement without the cache."""
+    import ladm.analysis.relevance as relevance
+
+    calls = []
+    original = relevance.layer_relevance
+    monkeypatch.setattr(relevance, "layer_relevance", lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
+    cfg = make_cfg("method=ladm", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path / 'shared'}")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer)
+    measured = {}
+    for pair in ("zh-lo", "zh-km", "zh-my"):
+        measured[pair] = relevance.measure_relevance(model, tokenizer, make_cfg(
+            "method=ladm", f"pair={pair}", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path / 'shared'}"))
+    assert calls == ["probe zh-en", "probe zh-lo", "probe zh-km", "probe zh-my"]
+    alone = relevance.measure_relevance(model, tokenizer, make_cfg(
+        "method=ladm", "pair=zh-my", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path / 'alone'}"))
+    assert alone["R_hi"] == measured["zh-lo"]["R_hi"] == measured["zh-my"]["R_hi"] and alone["R_lo"] == measured["zh-my"]["R_lo"]
 
 
 def test_ladm_probe_cli_on_a_local_model_directory(make_cfg, tmp_path, cache_dir):

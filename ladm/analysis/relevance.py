@@ -130,17 +130,15 @@ def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
     return ref_cfg
 
 
-def probe_key(cfg: DictConfig) -> str:
-    """Identifies R_hi/R_lo: model, both pairs, the probe knobs that change R, and the data files."""
-    ref_cfg = reference_pair_cfg(cfg)
-    split = cfg.probe.split
+def pair_probe_key(cfg: DictConfig, pair_cfg: DictConfig) -> str:
+    """Identifies one pair's R: model, pair, the probe knobs that change R, the prompt and the pair's data files."""
     identity = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "pairs": [ref_cfg.pair.name, cfg.pair.name],
+        "pair": pair_cfg.pair.name,
         "probe": {k: cfg.probe[k] for k in ("split", "n_sentences", "input", "tokens")},
         "sequences": 2,  # how probe inputs are built (2: the trainer's token sequences)
         "prompt": cfg.prompt.template,
-        "files": [OmegaConf.to_container(c.data[split], resolve=True) for c in (ref_cfg, cfg)],
+        "files": OmegaConf.to_container(pair_cfg.data[cfg.probe.split], resolve=True),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -156,29 +154,37 @@ def check_measured(measured: Any, source: str, fix: str) -> dict:
     return measured
 
 
-def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dict:
-    """R_hi and R_lo (raw, per layer) on the base model, cached under `cache_dir/delta_r/` (a corrupt cache
-    entry is measured again)."""
-    ref_cfg = reference_pair_cfg(cfg)
-    cache = Path(cfg.cache_dir) / "delta_r" / f"{probe_key(cfg)}.json"
+def cached_pair_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig, pair_cfg: DictConfig,
+                          fmt: SequenceFormat) -> tuple[list[float], int]:
+    """R per layer of one pair and its sentence count, cached under `cache_dir/relevance/` by `pair_probe_key`, so
+    the reference pair is measured once for any number of target pairs (a corrupt entry is measured again)."""
+    cache = Path(cfg.cache_dir) / "relevance" / f"{pair_probe_key(cfg, pair_cfg)}.json"
     if cache.is_file():
         try:
-            measured = check_measured(read_json(cache, "the ΔR cache", "it is measured again"), str(cache), "")
-            log.info("ΔR probe: reusing %s", cache)
-            return measured
+            cached = read_json(cache, "the relevance cache", "it is measured again")
+            if isinstance(cached, dict) and finite_numbers(cached.get("R")) and isinstance(cached.get("n_sentences"), int):
+                log.info("probe %s: reusing %s", pair_cfg.pair.name, cache)
+                return cached["R"], cached["n_sentences"]
+            log.warning("%s is not a relevance measurement; measuring again", cache)
         except LadmError as err:
             log.warning("%s; measuring again", err)
-    relevance = {}
+    examples = probe_examples(pair_cfg, pair_cfg.pair.name, fmt)
+    relevance = layer_relevance(model, *relevance_inputs(examples, cfg.probe), tokenizer.pad_token_id,
+                                cfg.probe.batch_size, desc=f"probe {pair_cfg.pair.name}").tolist()
+    write_json_atomic(cache, {"model": cfg.model.name, "pair": pair_cfg.pair.name, "n_sentences": len(examples),
+                              "R": relevance})
+    return relevance, len(examples)
+
+
+def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dict:
+    """R_hi and R_lo (raw, per layer) on the base model, each pair's R cached on its own."""
+    ref_cfg = reference_pair_cfg(cfg)
     fmt = SequenceFormat.from_cfg(tokenizer, cfg)
-    for name, pair_cfg in (("R_hi", ref_cfg), ("R_lo", cfg)):
-        examples = probe_examples(pair_cfg, pair_cfg.pair.name, fmt)
-        relevance[name] = layer_relevance(model, *relevance_inputs(examples, cfg.probe), tokenizer.pad_token_id,
-                                          cfg.probe.batch_size, desc=f"probe {pair_cfg.pair.name}").tolist()
-    measured = {"model": cfg.model.name, "model_path": cfg.model.path, "n_layers": len(relevance["R_hi"]),
-                "reference_pair": ref_cfg.pair.name, "pair": cfg.pair.name,
-                "n_sentences": len(examples), **relevance}
-    write_json_atomic(cache, measured)
-    return measured
+    r_hi, _ = cached_pair_relevance(model, tokenizer, cfg, ref_cfg, fmt)
+    r_lo, n_sentences = cached_pair_relevance(model, tokenizer, cfg, cfg, fmt)
+    return {"model": cfg.model.name, "model_path": cfg.model.path, "n_layers": len(r_hi),
+            "reference_pair": ref_cfg.pair.name, "pair": cfg.pair.name, "n_sentences": n_sentences,
+            "R_hi": r_hi, "R_lo": r_lo}
 
 
 def delta_r_report(measured: dict, probe_cfg: DictConfig, selection=None) -> dict:
