@@ -82,12 +82,9 @@ def test_routed_ffn_at_half_is_the_sum_of_its_restricted_parts():
 
 @pytest.mark.parametrize("estimate", ["taylor", "abs"])
 def test_phi_of_ffn_units_equals_autograd_on_the_intermediate_activation(make_cfg, estimate):
-    from test_mlas import gated_phi
+    from test_mlas import frozen_model_and_examples, gated_phi
 
-    cfg = make_cfg()
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
-    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(3), cfg.pair)
+    tokenizer, model, examples = frozen_model_and_examples(make_cfg, 3)
     mlp = decoder_layers(model)[2].mlp
     result = awareness_per_pair(model, {"zh-lo": examples}, {"layer2": (mlp.down_proj, ("in",))},
                                 tokenizer.pad_token_id, batch_size=3, estimate=estimate)

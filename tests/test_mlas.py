@@ -48,12 +48,17 @@ def gated_phi(model, batch, maps: dict, sides=("in", "out")) -> dict:
     return {key: {"taylor": grad[mask].sum(0).abs(), "abs": grad[mask].abs().sum(0)} for key, grad in grads.items()}
 
 
-@pytest.mark.parametrize("estimate", ["taylor", "abs"])
-def test_phi_equals_autograd_of_unit_gates(make_cfg, estimate):
+def frozen_model_and_examples(make_cfg, n: int):
+    """The default tiny model with frozen weights and its first `n` zh→lo training examples."""
     cfg = make_cfg()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
-    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(3), cfg.pair)
+    return tokenizer, model, SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(n), cfg.pair)
+
+
+@pytest.mark.parametrize("estimate", ["taylor", "abs"])
+def test_phi_equals_autograd_of_unit_gates(make_cfg, estimate):
+    tokenizer, model, examples = frozen_model_and_examples(make_cfg, 3)
     # q and k share their input: each gets the gradient through itself alone
     maps = linear_maps(decoder_layers(model)[1], ["q_proj", "k_proj", "down_proj"])
     result = awareness_per_pair(model, {"zh-lo": examples}, {name: (m, ("out", "in")) for name, m in maps.items()},
@@ -69,10 +74,7 @@ def test_phi_equals_autograd_of_unit_gates(make_cfg, estimate):
 
 
 def test_phi_does_not_depend_on_the_probe_batch_size(make_cfg):
-    cfg = make_cfg()
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer).eval().requires_grad_(False)
-    examples = SequenceFormat.from_cfg(tokenizer, cfg).encode(read_split(cfg.data.train).head(4), cfg.pair)
+    tokenizer, model, examples = frozen_model_and_examples(make_cfg, 4)
     maps = linear_maps(decoder_layers(model)[2], ["v_proj", "up_proj"])
     sources = {name: (m, ("out", "in")) for name, m in maps.items()}
     for estimate in ("taylor", "abs"):
