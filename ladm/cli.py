@@ -60,13 +60,17 @@ def objective_value(objective: str | None, results: object) -> float | None:
 
 def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], object]) -> Callable[[], None]:
     """`main()` for a console script: validate group names, compose `conf/<config_name>`, run `task`; the job
-    returns `objective_value` to the sweeper."""
+    returns `objective_value` to the sweeper. A sweep whose jobs ran in this process (Hydra's basic launcher, the
+    Optuna sweeper) exits 1 after all of them ran when any failed, with one closing line."""
+    sweep: dict[str, list[Path]] = {"jobs": [], "failed": []}
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
     def hydra_main(cfg: DictConfig) -> float | None:
         hydra_cfg = HydraConfig.get()
         out_dir = Path(hydra_cfg.runtime.output_dir)
         objective = cfg.get("objective")
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            sweep["jobs"].append(out_dir)
         try:
             return objective_value(objective, task(cfg, out_dir))
         except Exception as err:
@@ -76,6 +80,7 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
                 raise
             # In a sweep one failed job must not stop the others: record it and go on.
             log.error("job %s failed: %s", out_dir.name, err)
+            sweep["failed"].append(out_dir)
             record = out_dir / "results.json"
             failed_before = record.is_file() and '"status": "failed"' in record.read_text(encoding="utf-8")
             if int(os.environ.get("RANK", "0")) == 0 and not failed_before:  # keep the fuller record the run wrote
@@ -97,5 +102,11 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
         except Preempted as stop:
             print(f"{prog}: {stop}; run the same command again to resume", file=sys.stderr)
             sys.exit(128 + stop.signum)
+        if sweep["failed"]:
+            folders = sorted({str(path.parent) for path in sweep["failed"]})
+            print(f"{prog}: {len(sweep['failed'])} of {len(sweep['jobs'])} jobs failed: see the results.json of "
+                  f"{', '.join(p.name for p in sweep['failed'])} in {', '.join(folders)} (`ladm-report` lists them)",
+                  file=sys.stderr)
+            sys.exit(1)
 
     return main

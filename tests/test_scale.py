@@ -185,11 +185,14 @@ def test_sweep_job_folders_name_the_axes_in_a_fixed_order():
     assert job_dirname(["data.train.src=/a/b.txt"]) == "data.train.src=%a%b.txt"
 
 
-def test_a_failing_job_does_not_stop_the_sweep(tmp_path, cache_dir, files_overrides):
+def test_a_failing_job_does_not_stop_the_sweep_but_the_sweep_reports_it(tmp_path, cache_dir, files_overrides):
+    """Every job runs; then the command exits 1 with one closing line naming how many failed and where."""
     sweep = tmp_path / "sweep"
     proc = cli("-m", "method=zero_shot", "eval.max_new_tokens=2", "logger=none", "eval.metrics=[chrf++]",
                "eval.num_beams=1,0", *files_overrides, f"cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    closing = proc.stderr.strip().splitlines()[-1]
+    assert closing.startswith("ladm-train: 1 of 2 jobs failed: see the results.json of ") and str(sweep) in closing
     jobs = {r["config"]["eval"]["num_beams"]: r for r in map(json.loads, map(Path.read_text, sweep.glob("*/results.json")))}
     assert jobs[1]["status"] == "complete"
     assert jobs[0]["status"] == "failed" and "eval.num_beams must be a positive integer" in jobs[0]["error"]
