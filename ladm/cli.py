@@ -16,13 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ladm import CONFIG_DIR, LadmError
 from ladm.files import write_json_atomic
+from ladm.schema import is_component
 from ladm.trainer import Preempted
 
 log = logging.getLogger("ladm")
 
 
 def check_group_choices(overrides: list[str]) -> None:
-    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones."""
+    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones; refuse
+    a `name=` that is not a plain folder name before Hydra creates its folder."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir() if p.is_dir()}
@@ -32,6 +34,12 @@ def check_group_choices(overrides: list[str]) -> None:
     except Exception:  # noqa: BLE001 - let Hydra report malformed overrides itself
         return
     for override in parsed:
+        if override.key_or_group.lstrip("+") == "name" and not override.is_delete():
+            names = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+            for name in names:  # before Hydra makes the run folder outputs/<name>/...
+                if not isinstance(name, str) or not is_component(name):
+                    raise LadmError(f"name must be a name without '/', '\\' or '..' (it becomes a folder name), "
+                                    f"got {name!r}")
         group = override.key_or_group.lstrip("+")
         if group not in groups or override.is_delete() or group == "hydra":
             continue

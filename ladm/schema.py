@@ -36,8 +36,12 @@ class Rule:
     nullable: bool = False
     auto: bool = False  # the string "auto" is allowed too
     nonempty: bool = False  # lists
+    component: bool = False  # str, and each element of a list: it becomes one file or folder name
 
     def allowed(self) -> str:
+        if self.component:
+            what = "a non-empty list of names" if self.kind == "list" else "a name"
+            return f"be {what} without '/', '\\' or '..' (it becomes a file or folder name)"
         if self.kind == "list":
             items = "of " + " | ".join(self.choices) if self.choices else "of strings"
             return f"{'a non-empty' if self.nonempty else 'a'} list {items}"
@@ -72,15 +76,22 @@ class Rule:
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "str":
-            return isinstance(value, str) and (not self.choices or value in self.choices)
+            return isinstance(value, str) and (not self.choices or value in self.choices) and \
+                (not self.component or is_component(value))
         if self.kind == "list":
             return (isinstance(value, (list, ListConfig)) and (not self.nonempty or len(value) > 0)
-                    and all(isinstance(v, str) and (not self.choices or v in self.choices) for v in value))
+                    and all(isinstance(v, str) and (not self.choices or v in self.choices)
+                            and (not self.component or is_component(v)) for v in value))
         return isinstance(value, (dict, DictConfig))
 
 
+def is_component(value: str) -> bool:
+    """One path component: not empty, no separator, not `.`/`..`, no NUL (names never escape their folder)."""
+    return bool(value) and value not in (".", "..") and not any(c in value for c in "/\\\0")
+
+
 def _message(key: str, rule: Rule, value: Any) -> str:
-    verb = "must be" if rule.choices or rule.kind == "list" else "must"
+    verb = "must be" if (rule.choices or rule.kind == "list") and not rule.component else "must"
     return f"{key} {verb} {rule.allowed()}, got {value!r}"
 
 
@@ -88,21 +99,22 @@ INT_POS, INT_NONNEG = Rule("int", low=1), Rule("int", low=0)
 FLOAT_POS, FLOAT_NONNEG = Rule("float", low=0, low_open=True), Rule("float", low=0)
 UNIT = Rule("float", low=0, high=1)
 STR, BOOL = Rule("str"), Rule("bool")
+NAME = Rule("str", component=True)  # experiment, pair and test-set names become folder and file names
 SCHEDULERS = tuple(s.value for s in SchedulerType)
 SPLIT = {"format": Rule("str", choices=("text", "tsv", "jsonl", "hf", "tmx"))}
 TEST_SETS = tuple(sorted(p.stem for p in (CONFIG_DIR / "test_set").glob("*.yaml")))
 
 COMMON: dict[str, Rule] = {
-    "name": STR, "force": BOOL, "cache_dir": STR,
+    "name": NAME, "force": BOOL, "cache_dir": STR,
     "objective": Rule("str", choices=("validation/chrf++", "validation/spbleu"), nullable=True),
     "model.name": STR, "model.path": STR, "model.chat_template": BOOL,
     "model.dtype": Rule("str", choices=("float32", "bfloat16", "float16")),
     "model.attn_implementation": Rule("str", choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3",
                                                       "flex_attention")),
     "model.chat_template_kwargs": Rule("dict", nullable=True), "model.random_init": Rule("dict", nullable=True),
-    "prompt.name": STR, "prompt.template": STR, "pair.name": STR, "pair.src.name": STR, "pair.tgt.name": STR,
+    "prompt.name": STR, "prompt.template": STR, "pair.name": NAME, "pair.src.name": STR, "pair.tgt.name": STR,
     "data.name": STR, "data.max_train_samples": Rule("int", low=1, nullable=True), "data.validation_size": INT_NONNEG,
-    **{f"data.{split}.{k}": rule for split in ("train", "test") for k, rule in SPLIT.items()},
+    **{f"data.{split}.{k}": rule for split in ("train", "test") for k, rule in SPLIT.items()}, "data.test.name": NAME,
     "eval.max_samples": Rule("int", low=1, nullable=True), "eval.batch_size": Rule("int", low=1, auto=True),
     "eval.max_new_tokens": Rule("int", low=1, auto=True), "eval.length_margin": Rule("float", low=1),
     "eval.num_beams": INT_POS, "eval.n_samples": INT_NONNEG, "eval.on_missing": Rule("str", choices=("error", "skip")),
@@ -132,6 +144,7 @@ COMMON: dict[str, Rule] = {
     "train.checkpoint_every": INT_NONNEG, "train.keep_checkpoints": INT_POS,
     "train.resume": Rule("str", choices=("auto", "never")),
 }
+PAIRS = Rule("list", nonempty=True, component=True)  # config names of conf/pair, never paths
 PHI_ESTIMATE = Rule("str", choices=("taylor", "abs"))  # METHODS.md §3.2
 LORA = {"method.r": INT_POS, "method.alpha": FLOAT_POS, "method.dropout": Rule("float", low=0, high=1, high_open=True),
         "method.target_modules": Rule("list", nonempty=True)}
@@ -145,7 +158,7 @@ METHOD: dict[str, dict[str, Rule]] = {
         "method.variant": Rule("str", choices=("signed", "proportional")), "method.m_min": FLOAT_NONNEG,
         "method.m_max": FLOAT_NONNEG, "method.mode": Rule("str", choices=("step", "grad", "forward"))},
     "mlas_lora": {
-        "method.pairs": Rule("list", nonempty=True), "method.lambda": Rule("float", low=0, high=1, low_open=True),
+        "method.pairs": PAIRS, "method.lambda": Rule("float", low=0, high=1, low_open=True),
         "method.phi_norm": Rule("str", choices=("none", "per_pair")), "method.phi_estimate": PHI_ESTIMATE,
         "method.r_gen": INT_POS, "method.r_spe": INT_POS,
         "method.alpha": FLOAT_POS, "method.dropout": Rule("float", low=0, high=1, high_open=True),
@@ -157,7 +170,7 @@ METHOD: dict[str, dict[str, Rule]] = {
         "method.teacher.name": STR, "method.teacher.path": STR,
         "method.teacher.dtype": COMMON["model.dtype"], "method.teacher.attn_implementation": COMMON["model.attn_implementation"]},
     "landermt": {
-        "method.pairs": Rule("list", nonempty=True), "method.k_layers": Rule("int", low=1, nullable=True),
+        "method.pairs": PAIRS, "method.k_layers": Rule("int", low=1, nullable=True),
         "method.split": Rule("str", choices=("lambda", "ratio")), "method.lambda": Rule("float", low=0, high=1, low_open=True),
         "method.general_ratio": UNIT, "method.partition": UNIT, "method.routing": Rule("str", choices=("gate", "none")),
         "method.units": Rule("str", choices=("split", "general", "all")), "method.phi_estimate": PHI_ESTIMATE},

@@ -120,3 +120,16 @@ def test_broken_model_folders_are_one_line_before_loading(monkeypatch, capsys, t
     damage(saved_model)
     line = cli_error(monkeypatch, capsys, tmp_path, "model=qwen2.5-7b", f"model.path={saved_model}", "model.dtype=float32")
     assert message in line
+
+
+@pytest.mark.parametrize("name", ["../..", "/tmp/elsewhere", "a/b", "lora,../x"])
+def test_a_name_that_is_a_path_is_refused_before_any_folder_is_made(monkeypatch, capsys, tmp_path, name):
+    """`name=` becomes outputs/<name>/...: refused before Hydra makes that folder (no hydra.run.dir given)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ladm-train", "logger=none", f"name={name}"] if "," not in name else
+                        ["ladm-train", "-m", "logger=none", f"name={name}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "name must be a name without '/'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no outputs/ or multirun/ folder anywhere below

@@ -29,6 +29,8 @@ def bad_value(rule: Rule) -> str | None:
         return "abc"
     if rule.kind == "str" and rule.choices:
         return "bogus"
+    if rule.kind == "str" and rule.component:
+        return "../escape"
     if rule.kind == "list":
         return "[bogus]" if rule.choices else "[]" if rule.nonempty else None
     return None
@@ -60,6 +62,11 @@ def test_each_key_refuses_a_bad_value(make_cfg, method, key, rule):
     (["data=files"], "data.train.src cannot be resolved"),
     (["data=ntrex128", "data.ntrex_root=???"], "cannot be resolved"),
     (["train.lr=inf"], "train.lr must be a positive number, got inf"),
+    (["name=../.."], "name must be a name without '/', '\\' or '..' (it becomes a file or folder name), got '../..'"),
+    (["name=/tmp/elsewhere"], "name must be a name without"),
+    (["data.test.name=../../../x"], "data.test.name must be a name without"),
+    (["method=mlas_lora", "method.pairs=[zh-lo,../pair/zh-km]"], "method.pairs must be a non-empty list of names"),
+    (["method=landermt", "method.pairs=[zh-lo,..]"], "method.pairs must be a non-empty list of names"),
 ])
 def test_reported_cases(make_cfg, overrides, message):
     cfg = make_cfg(*overrides)
