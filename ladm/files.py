@@ -82,3 +82,12 @@ def folder_digest(folder: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def follow_umask(folder: str | Path) -> None:
+    """Give every file below `folder` the user's umask mode (0666 & ~umask): what libraries wrote with their own
+    modes (PEFT's safetensors: 0600) becomes readable by the user's group where the umask says so."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)

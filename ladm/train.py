@@ -19,6 +19,7 @@ from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, share, training_data, truncate
 from ladm.distributed import DistEnv
 from ladm.evaluation import EvalSet, Evaluator, read_test_sets, record_test_results, run_once, score, versions
+from ladm.files import follow_umask
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
 from ladm.metrics import Scorer
@@ -128,6 +129,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         train_stats |= {"n_train": sum(map(len, examples.values())), "max_length": budgets.max_length}
         if dist.is_main and cfg.train.save_adapter:
             method.save(model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
+            follow_umask(out_dir / "adapter")  # PEFT writes its files 0600: the user's group may evaluate them
 
     final_step = cfg.train.max_steps * len(pair_cfgs)  # the trainer's last optimizer step
     # what generates the test hypotheses: saved ones of any other model are never scored as this one's

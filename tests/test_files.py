@@ -34,3 +34,21 @@ def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(LadmError, match="No space left on device.*the previous checkpoint is intact"):
         save_checkpoint(tmp_path, 4, {"step": 4}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+
+
+@pytest.mark.parametrize("method", ["lora", "mlas_lora"])
+def test_saved_adapters_follow_the_umask(make_cfg, files_overrides, tmp_path, method):
+    """PEFT writes adapter_model.safetensors 0600; under umask 002 every adapter file is group-readable (0664)."""
+    from ladm.train import run
+
+    extra = ["probe.n_sentences=4", "probe.batch_size=4", "method.r_gen=4", "method.r_spe=4",
+             "method.pairs=[zh-lo,zh-km]", "data.max_train_samples=8"] if method == "mlas_lora" else files_overrides
+    old = os.umask(0o002)
+    try:
+        run(make_cfg(f"method={method}", "train.max_steps=1", "train.batch_size=4", "eval.max_samples=1",
+                     "eval.max_new_tokens=2", *extra), tmp_path)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "adapter").rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_model.safetensors" for p in files)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o664 for p in files}
