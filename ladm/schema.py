@@ -108,7 +108,8 @@ COMMON: dict[str, Rule] = {
     "name": NAME, "force": BOOL, "cache_dir": STR,
     "objective": Rule("str", choices=("validation/chrf++", "validation/spbleu"), nullable=True),
     "model.name": STR, "model.path": STR, "model.chat_template": BOOL,
-    "model.dtype": Rule("str", choices=("float32", "bfloat16", "float16")),
+    "model.dtype": Rule("str", choices=("auto", "float32", "bfloat16", "float16")),
+    "model.gguf": Rule("dict", nullable=True),
     "model.attn_implementation": Rule("str", choices=("eager", "sdpa", "flash_attention_2", "flash_attention_3",
                                                       "flex_attention")),
     "model.chat_template_kwargs": Rule("dict", nullable=True), "model.random_init": Rule("dict", nullable=True),
@@ -234,4 +235,6 @@ def config_hash(cfg: DictConfig, inputs: str | None = None) -> str:
     results.json: "skip complete jobs" compares it."""
     text = json.dumps([_without(cfg, NOT_IN_RESULTS), inputs] if inputs else _without(cfg, NOT_IN_RESULTS),
                       sort_keys=True, default=str).replace(str(REPO_ROOT), "<ladm>")
+    if cfg.get("cache_dir"):  # a converted model's folder lives there (model=gemma3-270m)
+        text = text.replace(str(cfg.cache_dir), "<cache>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -59,5 +59,5 @@ def test_real_models_point_at_hub_ids_and_accept_local_path(make_cfg):
 
 def test_demo_experiment_overrides_only_what_differs(make_cfg):
     cfg = make_cfg("experiment=demo")
-    assert cfg.name == "demo" and cfg.pair.name == "zh-lo" and cfg.model.name == "tiny-llama3"
-    assert cfg.train.lr == 1.0e-2 and cfg.train.seed == make_cfg().train.seed
+    assert cfg.name == "demo" and cfg.pair.name == "zh-th" and cfg.model.name == "gemma3-270m"
+    assert cfg.train.lr == 1.0e-3 and cfg.train.seed == make_cfg().train.seed

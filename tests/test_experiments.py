@@ -14,7 +14,7 @@ CI_SIZE = ["train.max_steps=2", "train.batch_size=4", "data.max_train_samples=16
 
 
 @pytest.mark.parametrize("experiment,narrowing,n_jobs", [
-    ("demo", [], 2),
+    ("demo", [], 3),
     ("ladm_vs_lora", ["pair=zh-lo,zh-km"], 4),
     ("strength_sweep", ["pair=zh-lo"], 4),
     ("threshold_ablation", ["method.tau_lil=0.0", "method.k_tal=1,4", "method.k_lil=1"], 4),

@@ -50,7 +50,7 @@ def test_each_key_refuses_a_bad_value(make_cfg, method, key, rule):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.dtype=float8"], "model.dtype must be one of float32 | bfloat16 | float16, got 'float8'"),
+    (["model.dtype=float8"], "model.dtype must be one of auto | float32 | bfloat16 | float16, got 'float8'"),
     (["train.max_steps=1.5"], "train.max_steps must be a positive integer, got 1.5"),
     (["train.seed=abc"], "train.seed must be an integer, got 'abc'"),
     (["train.resume=bogus"], "train.resume must be one of auto | never"),

@@ -8,18 +8,16 @@ from peft import LoraConfig, get_peft_model
 
 from ladm import LadmError
 from ladm.methods.base import Method
+from ladm.models import NON_TEXT_MODULES
 
 
 def lora_config(method_cfg, **overrides) -> LoraConfig:
-    """The PEFT `LoraConfig` of `method.{r, alpha, dropout, target_modules}`."""
-    return LoraConfig(
-        r=method_cfg.r,
-        lora_alpha=method_cfg.alpha,
-        lora_dropout=method_cfg.dropout,
-        target_modules=list(OmegaConf.to_container(method_cfg.target_modules)),
-        task_type="CAUSAL_LM",
-        **overrides,
-    )
+    """The PEFT `LoraConfig` of `method.{r, alpha, dropout, target_modules}` (`overrides` replace any of them), on
+    the language model only."""
+    settings = dict(r=method_cfg.get("r"), lora_alpha=method_cfg.alpha, lora_dropout=method_cfg.dropout,
+                    target_modules=list(OmegaConf.to_container(method_cfg.target_modules)), task_type="CAUSAL_LM",
+                    exclude_modules=NON_TEXT_MODULES)
+    return LoraConfig(**(settings | overrides))
 
 
 class LoRA(Method):

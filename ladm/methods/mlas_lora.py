@@ -24,6 +24,7 @@ from ladm.analysis.stage import cached_stage, stage_key
 from ladm.data import SequenceFormat, pair_config
 from ladm.distributed import DistEnv
 from ladm.methods.base import Method
+from ladm.methods.lora import lora_config
 from ladm.models import context_length, decoder_layers, load_model, load_tokenizer, model_config
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,7 @@ class MLASLoRA(Method):
         rank = self._rank(adapter)
         # Teacher initialisation sets B·A itself, so the LoRA scaling must be 1 (alpha = r).
         alpha = rank if self.cfg.method.init == "teacher" else self.cfg.method.alpha
-        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=self.cfg.method.dropout, task_type="CAUSAL_LM",
-                          target_modules=list(self.cfg.method.target_modules))
+        return lora_config(self.cfg.method, r=rank, lora_alpha=alpha)
 
     def _source(self, adapter: str) -> str:
         """Which extracted submatrix initialises `adapter` (`method.neurons`)."""
