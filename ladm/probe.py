@@ -18,38 +18,16 @@ from ladm.cli import cli_main
 from ladm.files import write_json_atomic
 from ladm.methods.ladm import Selection
 from ladm.models import check_model_path, load_model, load_tokenizer
-from ladm.plots import pyplot, save_figure
+from ladm.plots import delta_r_title, draw_delta_r, pyplot, save_figure
 from ladm.schema import validate
 
 log = logging.getLogger("ladm.probe")
 
 
 def plot_delta_r(report: dict, path: Path) -> None:
-    """Bar chart of ΔR per layer; TAL red, LIL blue, modulated layers hatched and labelled m_l."""
-    from matplotlib.patches import Patch
-
-    plt = pyplot()
-    delta = report["delta_r"]
-    tal, lil = set(report.get("tal", [])), set(report.get("lil", []))
-    selected = set(report.get("selected_tal", [])) | set(report.get("selected_lil", []))
-    colours = ["tab:red" if i in tal else "tab:blue" if i in lil else "tab:gray" for i in range(len(delta))]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(delta)), 3.5))
-    bars = ax.bar(range(len(delta)), delta, color=colours, edgecolor="black", linewidth=0.4)
-    for i, bar in enumerate(bars):
-        if i in selected:
-            bar.set_hatch("//")
-            ax.annotate(f"×{report['multipliers'][i]:.2g}", (i, delta[i]), ha="center", fontsize=7,
-                        va="bottom" if delta[i] >= 0 else "top")
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(delta)))
-    ax.tick_params(axis="x", labelsize=7)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("ΔR")
-    ax.set_title(f"{report['model']}: ΔR = R̃({report['reference_pair']}) − R̃({report['pair']})"
-                 if report["probe"]["sign"] == "hi_minus_lo" else
-                 f"{report['model']}: ΔR = R̃({report['pair']}) − R̃({report['reference_pair']})", fontsize=9)
-    ax.legend(handles=[Patch(color="tab:red", label="TAL (amplified)"), Patch(color="tab:blue", label="LIL (inhibited)"),
-                       Patch(facecolor="white", edgecolor="black", hatch="//", label="modulated")], fontsize=7)
+    """Bars of ΔR per layer with the bootstrap's intervals; TAL red, LIL blue, modulated layers hatched."""
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.35 * len(report["delta_r"])), 3.5))
+    draw_delta_r(ax, report, delta_r_title(report))
     save_figure(fig, path)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ladm import LadmError
 from ladm.files import read_json, write_text_atomic
-from ladm.plots import pyplot, save_figure
+from ladm.plots import delta_r_title, draw_delta_r, pyplot, save_figure
 
 METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)",
            "target_script_ratio": "target-script ratio (share of hypothesis letters in the target's script)"}
@@ -542,22 +542,20 @@ def plot_strength(jobs: list[Job], metric: str, path: Path) -> bool:
 
 
 def plot_delta_r(jobs: list[Job], path: Path) -> bool:
-    """ΔR per layer for each pair of the sweep (from the LaDM jobs' recorded probe)."""
-    curves = {}
+    """ΔR per layer for each (model, pair) of the sweep, as the LaDM jobs recorded it: one panel each, TAL/LIL and
+    the modulated layers marked, bootstrap intervals where the probe recorded them."""
+    panels = {}
     for job in jobs:
         details = job.results.get("method_details", {})
         if "delta_r" in details:
-            curves.setdefault((job.model, details["pair"]), details["delta_r"])
-    if not curves:
+            panels.setdefault((job.model, details["pair"]), details | {"model": job.model})
+    if not panels:
         return False
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    for (model, pair), delta in sorted(curves.items()):
-        ax.plot(range(len(delta)), delta, marker=".", label=f"{model} {pair}" if len({m for m, _ in curves}) > 1 else pair)
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("ΔR  (>0: TAL, <0: LIL)")
-    ax.legend(fontsize=7)
+    n_layers = max(len(p["delta_r"]) for p in panels.values())
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.35 * n_layers), 3 * len(panels)), squeeze=False)
+    for ax, (_, report) in zip(axes[:, 0], sorted(panels.items()), strict=True):
+        draw_delta_r(ax, report, delta_r_title(report))
     save_figure(fig, path)
     return True
 

@@ -128,7 +128,7 @@ COMMON: dict[str, Rule] = {
     "logger.name": Rule("str", choices=("wandb", "none")),
     "logger.mode": Rule("str", choices=("offline", "online", "disabled")),
     "probe.reference_pair": STR, "probe.split": Rule("str", choices=("train", "test")),
-    "probe.n_sentences": INT_POS, "probe.batch_size": INT_POS,
+    "probe.n_sentences": INT_POS, "probe.batch_size": INT_POS, "probe.bootstrap": INT_NONNEG,
     "probe.input": Rule("str", choices=("prompt", "prompt+reference")),
     "probe.reference_data": Rule("dict", nullable=True),
     "probe.normalisation": Rule("str", choices=("none", "sum", "zscore")),

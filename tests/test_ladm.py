@@ -147,8 +147,8 @@ def test_ladm_end_to_end_probes_trains_and_saves_a_peft_adapter(make_cfg, files_
     import ladm.analysis.relevance as relevance
 
     calls = []
-    original = relevance.layer_relevance
-    monkeypatch.setattr(relevance, "layer_relevance", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = relevance.sentence_relevance
+    monkeypatch.setattr(relevance, "sentence_relevance", lambda *a, **k: calls.append(1) or original(*a, **k))
     common = ("method=ladm", "probe.n_sentences=8", "probe.batch_size=4", "train.max_steps=3", "train.log_every=1",
               "logger=wandb", "eval.max_new_tokens=4", *files_overrides)
     results = run(make_cfg(*common), tmp_path / "a")

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from ladm.analysis.relevance import LayerRelevance, activation_disparity, layer_relevance, normalise, pair_probe_key
+from ladm.analysis.relevance import (
+    LayerRelevance,
+    activation_disparity,
+    bootstrap_delta_r,
+    delta_r_report,
+    layer_relevance,
+    normalise,
+    pair_probe_key,
+)
 from ladm.data import render_prompt
 from ladm.methods.ladm import Selection
 from ladm.models import load_model, load_tokenizer
@@ -134,6 +142,46 @@ def test_selection_table(changes, tal, lil, selected_tal, selected_lil, multipli
     assert chosen["multipliers"] == pytest.approx(multipliers)
 
 
+def test_bootstrap_standard_error_matches_the_analytic_one_of_a_difference_of_means():
+    """Without normalisation ΔR_l is a difference of two means: its bootstrap SE must approach
+    sqrt(var_hi/n_hi + var_lo/n_lo) (population variances, as the bootstrap resamples the sample itself)."""
+    from omegaconf import OmegaConf
+
+    generator = torch.Generator().manual_seed(1)
+    hi = torch.rand(40, 3, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 4.0, 0.1], dtype=torch.float64)
+    lo = torch.rand(25, 3, generator=generator, dtype=torch.float64) * 2
+    probe_cfg = OmegaConf.create({"normalisation": "none", "sign": "hi_minus_lo"})
+    boot = bootstrap_delta_r(hi.tolist(), lo.tolist(), probe_cfg, resamples=8000)
+    analytic = (hi.var(0, unbiased=False) / len(hi) + lo.var(0, unbiased=False) / len(lo)).sqrt()
+    torch.testing.assert_close(torch.tensor(boot["delta_r_se"], dtype=torch.float64), analytic, rtol=0.04, atol=0)
+    delta = hi.mean(0) - lo.mean(0)
+    assert all(l < d < h for l, d, h in zip(boot["delta_r_low"], delta.tolist(), boot["delta_r_high"], strict=True))
+
+
+def test_bootstrap_tells_a_stable_selection_from_a_coin_flip(caplog):
+    """Layer 0 is clearly TAL and layer 3 clearly LIL; layers 1 and 2 tie within noise for the second TAL slot:
+    0 and 3 recur in every resample, 1 and 2 in about half, and the run is warned."""
+    from omegaconf import OmegaConf
+
+    generator = torch.Generator().manual_seed(0)
+    noise = lambda n: torch.randn(n, 4, generator=generator, dtype=torch.float64) * 0.02
+    hi = (torch.tensor([2.0, 1.5, 1.5, 0.5], dtype=torch.float64) + noise(60)).tolist()
+    lo = (torch.tensor([1.0, 1.0, 1.0, 1.5], dtype=torch.float64) + noise(60)).tolist()
+    probe_cfg = OmegaConf.create({"normalisation": "none", "sign": "hi_minus_lo", "bootstrap": 500})
+    choose = selection(select="topk", k_tal=2, k_lil=1)
+    with caplog.at_level("WARNING"):
+        report = delta_r_report({"pair": "zh-xx", "n_sentences": 60, "R_hi": torch.tensor(hi).mean(0).tolist(),
+                                 "R_lo": torch.tensor(lo).mean(0).tolist(), "R_hi_per_sentence": hi,
+                                 "R_lo_per_sentence": lo}, probe_cfg, choose)
+    boot = report["bootstrap"]
+    assert "R_hi_per_sentence" not in report and report["selected_lil"] == [3]
+    assert boot["recurrence"]["lil"] == {"3": 1.0} and boot["recurrence"]["tal"]["0"] == 1.0
+    (second,) = set(report["selected_tal"]) - {0}
+    assert 0.2 < boot["recurrence"]["tal"][str(second)] < 0.8 and boot["unstable_layers"] in ([], [second])
+    assert 0.2 < boot["same_selection"] < 0.8
+    assert ("unstable" in caplog.text) == bool(boot["unstable_layers"])
+
+
 def test_zero_strength_is_identity():
     assert selection(alpha=0.0, beta=0.0)(DELTA)["multipliers"] == [1.0] * len(DELTA)
 
@@ -150,8 +198,8 @@ def test_the_reference_pair_is_measured_once_for_any_number_of_target_pairs(make
     import ladm.analysis.relevance as relevance
 
     calls = []
-    original = relevance.layer_relevance
-    monkeypatch.setattr(relevance, "layer_relevance", lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
+    original = relevance.sentence_relevance
+    monkeypatch.setattr(relevance, "sentence_relevance", lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
     cfg = make_cfg("method=ladm", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path / 'shared'}")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer)
@@ -195,6 +243,10 @@ def test_ladm_probe_cli_on_a_local_model_directory(make_cfg, tmp_path, cache_dir
     expected = activation_disparity(torch.tensor(report["R_hi"]), torch.tensor(report["R_lo"]), "sum")
     torch.testing.assert_close(torch.tensor(report["delta_r"]), expected)
     assert (out / "delta_r.png").read_bytes()[:4] == b"\x89PNG"
+    boot = report["bootstrap"]
+    assert boot["resamples"] == 1000 and len(boot["delta_r_se"]) == 4
+    assert all(lo <= d <= hi for lo, d, hi in zip(boot["delta_r_low"], report["delta_r"], boot["delta_r_high"], strict=True))
+    assert set(boot["recurrence"]["tal"]) == {str(l) for l in report["selected_tal"]}
 
 
 def test_reference_references_from_the_same_files_are_refused_unless_given(make_cfg, files_overrides, tmp_path):

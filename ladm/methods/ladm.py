@@ -175,6 +175,6 @@ class LaDM(LoRA):
 
     def describe(self) -> dict[str, Any]:
         keep = ("reference_pair", "pair", "n_sentences", "R_hi", "R_lo", "delta_r", "tal", "lil",
-                "selected_tal", "selected_lil", "multipliers")
+                "selected_tal", "selected_lil", "multipliers", "bootstrap", "probe")
         return {k: self.report[k] for k in keep if k in self.report} | {
             "mode": self.cfg.method.mode, "alpha": self.selection.alpha, "beta": self.selection.beta}

