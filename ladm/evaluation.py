@@ -208,6 +208,9 @@ class Evaluator:
                                                     "generated_by": self.identity(eval_set, pair)})
 
 
+OFF_TARGET_BELOW = 0.5  # a target-script ratio below this is warned about
+
+
 def score(scorer: Scorer, eval_set: EvalSet, outputs: dict[str, list[str]], targets: dict[str, str],
           tracker: Tracker, step: int) -> dict[str, tuple[dict, dict]]:
     """Per pair, corpus metrics (with the off-target `target_script_ratio`) and sacrebleu signatures (COMET: see
@@ -274,4 +277,9 @@ def record_test_results(results: dict, out_dir: Path, scorer: Scorer, evaluator:
         for pair, m in entry["metrics"].items():
             log.info("%s %s %s (%s): %s", results["model"], results["method"], pair, s,
                      ", ".join(f"{k}={v:.2f}" for k, v in m.items() if v is not None))
+            ratio = m.get("target_script_ratio")
+            if ratio is not None and ratio < OFF_TARGET_BELOW:
+                log.warning("%s %s %s (%s): mostly off-target output: only %.0f%% of the hypotheses' letters are in "
+                            "the target's script (see predictions/%s/%s.hyp)", results["model"], results["method"],
+                            pair, s, 100 * ratio, s, pair)
     return results

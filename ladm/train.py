@@ -124,6 +124,9 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
             if truncated_train[name]["count"]:
                 log.warning("%s: %.1f%% of training examples were truncated to train.max_length=%d", name,
                             100 * truncated_train[name]["share"], budgets.max_length)
+        log.info("this run: %d optimizer steps of %d sentences, then %d test sentences to generate",
+                 cfg.train.max_steps * len(pair_cfgs), cfg.train.batch_size * cfg.train.grad_accum * dist.world_size,
+                 sum(len(c) for s in test_sets for c in s.corpora.values()))
         train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker, out_dir,
                           resume=resume, on_eval=evaluate_validation, identity=training_identity(cfg))
         train_stats |= {"n_train": sum(map(len, examples.values())), "max_length": budgets.max_length}

@@ -206,8 +206,12 @@ def fit(
 
         losses.append(mean_loss)
         progress.set_postfix(loss=f"{mean_loss:.3f}")
+        seconds = time.perf_counter() - step_started
+        if dist.is_main and step == min(first_step + 1, total_steps) and step < total_steps:
+            # the first step of a process pays one-off costs: the second one measures the rate
+            log.info("training: %.1f s per optimizer step here, about %s for the %d steps left", seconds,
+                     duration(seconds * (total_steps - step)), total_steps - step)
         if step_log is not None:
-            seconds = time.perf_counter() - step_started
             step_log.write({"step": step, "pair": pair, "loss": mean_loss, "lr": applied_lr,
                             "grad_norm": metrics["grad_norm/total"], "tokens": int(n_tokens),
                             "tokens_per_s": int(n_tokens) / seconds, "seconds": seconds})
@@ -230,6 +234,13 @@ def fit(
     model.eval()
     return {"steps": total_steps, "steps_per_pair": train_cfg.max_steps, "examples_seen": seen,
             "losses": losses, "final_loss": losses[-1], "seconds": time.perf_counter() - start}
+
+
+def duration(seconds: float) -> str:
+    """`1 h 05 min`, `12 min`, `40 s`: a time estimate for the log."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 class StepLog:

@@ -223,3 +223,28 @@ def test_newline_stop_is_built_once_and_stops_like_transformers_stop_strings(mak
             assert first_line(tok.decode(out[0, len(prompt):], skip_special_tokens=True)) == hypothesis
     finally:
         handle.remove()
+
+
+def test_vision_language_gemma3_is_probed_and_adapted_on_its_language_model_only():
+    """Gemma-3 4B/12B load as Gemma3ForConditionalGeneration: the decoder layers are the language model's, and
+    LoRA adapts none of the vision tower's projections (which share the names q_proj, k_proj, v_proj)."""
+    from omegaconf import OmegaConf
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from ladm.methods.lora import lora_config
+    from ladm.models import decoder_layers
+
+    config = Gemma3Config(
+        text_config=dict(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, vocab_size=300),
+        vision_config=dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    model = AutoModelForCausalLM.from_config(config)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert decoder_layers(model) is model.model.language_model.layers and len(decoder_layers(model)) == 3
+    method = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]})
+    model = get_peft_model(model, lora_config(method))
+    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    assert len(adapted) == 9 and all(".language_model." in name for name in adapted), adapted
+    assert any("vision_tower" in name and name.endswith("q_proj") for name, _ in model.named_modules())

@@ -84,3 +84,16 @@ def test_a_short_lora_run_on_real_weights_learns_and_ends_its_sentences(files_ov
     assert record["hit_generation_budget"]["share"] <= 0.25, record["hit_generation_budget"]
     hypotheses = next((run_dir / "predictions").glob("*/zh-lo.hyp")).read_text(encoding="utf-8").splitlines()
     assert sum(any("\u0e80" <= ch <= "\u0eff" for ch in h) for h in hypotheses) >= len(hypotheses) // 2  # Lao script
+
+
+def test_readme_own_model_config_example_runs_as_printed(cache_dir, tmp_path):
+    """The README's three lines that add a model config of the user's own (`--config-dir`), run by bash exactly
+    as printed in a fresh folder (only `ladm-train` → this Python, and the run folder appended)."""
+    lines = (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("mkdir -p my_conf/model")
+    script = "\n".join(lines[start:start + 3]).replace("ladm-train", f"{sys.executable} -m ladm.train")
+    proc = subprocess.run(["bash", "-ec", f"{script} logger=none hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                          capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "complete" and results["model"] == "my-gemma" and results["config"]["model"]["gguf"]
