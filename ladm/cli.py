@@ -80,14 +80,15 @@ def _fail(prog: str, err: LadmError) -> None:
 
 
 def objective_value(objective: str | None, results: object) -> float | None:
-    """What a sweeper (Optuna) optimises: `objective` = `validation/<metric>`, the mean over the job's pairs."""
+    """What a sweeper (Optuna) optimises: `objective` = `validation/<metric>`, the mean over the job's pairs; None
+    for a failed job or a missing score (a NaN would make the sweeper abort the whole study)."""
     if objective is None:
         return None
     metric = objective.split("/", 1)[1]
     validation = results.get("validation", {}) if isinstance(results, dict) else {}
     scores = [by_pair.get(metric) for by_pair in validation.values()]
-    if not scores or any(s is None for s in scores):
-        return float("nan")  # Optuna records the trial as failed
+    if not scores or any(s is None or s != s for s in scores):
+        return None  # not a number: Optuna's sweeper records the trial as failed (without values) and goes on
     return sum(scores) / len(scores)
 
 

@@ -16,8 +16,9 @@ def test_objective_is_the_mean_validation_score_over_pairs():
     results = {"validation": {"zh-lo": {"chrf++": 10.0}, "zh-km": {"chrf++": 20.0}}}
     assert objective_value("validation/chrf++", results) == 15.0
     assert objective_value(None, results) is None
-    assert objective_value("validation/spbleu", results) != objective_value("validation/spbleu", results)  # nan
-    assert objective_value("validation/chrf++", None) != objective_value("validation/chrf++", None)  # a failed job
+    assert objective_value("validation/spbleu", results) is None  # not scored: the trial fails, the study goes on
+    assert objective_value("validation/chrf++", None) is None  # a failed job
+    assert objective_value("validation/chrf++", {"validation": {"zh-lo": {"chrf++": float("nan")}}}) is None
 
 
 def test_optuna_ladm_runs_three_trials_on_the_validation_split(tmp_path, cache_dir):
@@ -39,3 +40,24 @@ def test_optuna_ladm_runs_three_trials_on_the_validation_split(tmp_path, cache_d
     params = best["best_params"]
     assert any(lr == pytest.approx(params["train.lr"]) and (r, s) == (params["method.r"], params["strength"])
                for lr, r, s in winners)
+
+
+def test_a_failed_trial_is_recorded_and_the_search_goes_on(tmp_path, cache_dir):
+    """Three seeded trials over method.r ∈ {0, 4} (the command line's search space replaces the preset's): the r=0
+    trial fails (refused by the schema) and is recorded as failed with its error, the study goes on, the best is
+    chosen among the completed trials, and the search exits 1 after all trials with the closing line."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladm.train", "-m", "hparams_search=optuna_ladm", "hydra.sweeper.n_trials=3",
+         "method.r=choice(0,4)", "train.lr=1e-3", "strength=s0.5", "debug=fast", "data.validation_size=8",
+         "eval.max_samples=2", "eval.max_new_tokens=4", f"cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 of 3 jobs failed" in proc.stderr.splitlines()[-1]
+    jobs = {json.loads(p.read_text())["config"]["method"]["r"]: json.loads(p.read_text())
+            for p in tmp_path.glob("*/results.json")}
+    assert sorted(jobs) == [0, 4] and jobs[0]["status"] == "failed" and "method.r" in jobs[0]["error"]
+    assert jobs[4]["status"] == "complete"
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert best["best_params"] == {"method.r": 4}
+    assert best["best_value"] == pytest.approx(jobs[4]["validation"]["zh-lo"]["chrf++"])
