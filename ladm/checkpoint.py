@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ladm import LadmError
+from ladm.files import WRITE_ERRORS, write_failure
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -89,10 +90,10 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) 
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LadmError(f"cannot write checkpoint {target} ({err.strerror or err}): free disk space or set "
-                        f"train.checkpoint_every=0; the previous checkpoint is intact") from err
+        raise write_failure(target, err, "free disk space or set train.checkpoint_every=0; the previous checkpoint "
+                                         "is intact") from err
     for _, old in checkpoint_steps(out_dir)[:-keep]:
         shutil.rmtree(old)
     return target

@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ladm import CONFIG_DIR, LadmError
+from ladm.distributed import run_stamp
 from ladm.files import write_json_atomic
 from ladm.schema import is_component
 from ladm.trainer import Preempted
@@ -127,6 +128,9 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
             return objective_value(objective, None)
 
     def main() -> None:
+        # One time stamp for the whole launch: every job of a sweep without `name=` shares one `adhoc-<time>` name
+        # (submitit's jobs inherit the environment), whatever hydra.sweep.dir is.
+        os.environ.setdefault("LADM_RUN_STAMP", run_stamp())
         try:
             check_group_choices(sys.argv[1:])
         except LadmError as err:

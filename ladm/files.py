@@ -24,11 +24,27 @@ def current_umask() -> int:
     return mask
 
 
+# What a failed write raises: OSError (disk full, quota, permissions) and RuntimeError (torch.save's and
+# safetensors' writers report a full disk that way).
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def write_failure(target: str | Path, err: BaseException,
+                  fix: str = "free disk space and run the same command again") -> LadmError:
+    """The one-line error for a write that failed: what, why (the first line of the reason), what to do."""
+    reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    return LadmError(f"cannot write {target} ({reason}): {fix}")
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` into a temp file in the same folder, fsync, give it the umask's mode, rename over `path`."""
+    """`write(tmp)` into a temp file in the same folder, fsync, give it the umask's mode, rename over `path`. A
+    failed write leaves no temp file and is one clear error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except WRITE_ERRORS as err:
+        raise write_failure(path, err) from err
     os.close(fd)
     tmp = Path(name)
     try:
@@ -37,6 +53,9 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600: let the user's group read results
         os.replace(tmp, path)
+    except WRITE_ERRORS as err:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, err) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

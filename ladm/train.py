@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
@@ -19,7 +21,7 @@ from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, share, training_data, truncate
 from ladm.distributed import DistEnv
 from ladm.evaluation import EvalSet, Evaluator, read_test_sets, record_test_results, run_once, score, versions
-from ladm.files import follow_umask
+from ladm.files import WRITE_ERRORS, follow_umask, write_failure
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
 from ladm.metrics import Scorer
@@ -62,6 +64,23 @@ def resume_state(cfg: DictConfig, out_dir: Path, dist: DistEnv, trains: bool, fr
                         "train.resume=never to start over (the old checkpoints are kept aside)")
     log.info("resuming from %s", path)
     return state
+
+
+def save_adapter(method, model: torch.nn.Module, folder: Path) -> None:
+    """`method.save` into a temporary folder beside `folder`, group-readable (PEFT writes 0600), then renamed: a
+    failed write (disk full) leaves no half adapter and is one clear error; the old adapter stays until replaced."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        method.save(model, tmp)
+        follow_umask(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except WRITE_ERRORS as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(folder, err, "free disk space and run the same command again (training resumes from "
+                                         "its last checkpoint, if any)") from err
 
 
 def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: float, fresh: bool) -> dict:
@@ -131,8 +150,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
                           resume=resume, on_eval=evaluate_validation, identity=training_identity(cfg))
         train_stats |= {"n_train": sum(map(len, examples.values())), "max_length": budgets.max_length}
         if dist.is_main and cfg.train.save_adapter:
-            method.save(model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
-            follow_umask(out_dir / "adapter")  # PEFT writes its files 0600: the user's group may evaluate them
+            save_adapter(method, model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
 
     final_step = cfg.train.max_steps * len(pair_cfgs)  # the trainer's last optimizer step
     # what generates the test hypotheses: saved ones of any other model are never scored as this one's

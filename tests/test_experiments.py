@@ -32,3 +32,21 @@ def test_experiment_multirun(tmp_path, cache_dir, experiment, narrowing, n_jobs)
     results = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
     assert len(results) == n_jobs and all(r["status"] == "complete" for r in results)
     assert len({json.dumps(r["config"], sort_keys=True) for r in results}) == n_jobs  # distinct jobs
+
+
+def test_a_sweep_without_a_name_gives_all_its_jobs_one_name(tmp_path, cache_dir):
+    """`hydra.sweep.dir=` without `name=`: every job shares one adhoc-<time> name, so ladm-report takes the folder
+    as one experiment."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladm.train", "--multirun", "method=zero_shot", "pair=zh-lo,zh-km", "logger=none",
+         "eval.metrics=[chrf++]",
+         "eval.max_samples=2", "eval.max_new_tokens=2", f"cache_dir={cache_dir}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {json.loads(p.read_text())["config"]["name"] for p in sweep_dir.glob("*/results.json")}
+    assert len(names) == 1 and next(iter(names)).startswith("adhoc-"), names
+    report = subprocess.run([sys.executable, "-m", "ladm.report", str(sweep_dir)], cwd=REPO_ROOT, capture_output=True,
+                            text=True)
+    assert report.returncode == 0 and "zh-km" in report.stdout, report.stderr[-2000:]

@@ -24,16 +24,60 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
     assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == mode
 
 
-def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch, error):
+    """torch.save reports a full disk as OSError or RuntimeError: both are the one-line error, and no .tmp stays."""
     save_checkpoint(tmp_path, 2, {"step": 2}, keep=2)
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(LadmError, match="No space left on device.*the previous checkpoint is intact"):
+    with pytest.raises(LadmError, match="(No space left on device|file write failed).*the previous checkpoint is intact"):
         save_checkpoint(tmp_path, 4, {"step": 4}, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 256 KiB tmpfs (needs the right to mount: root, as on the CI machines; skipped elsewhere)."""
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_really_full_disk_is_one_line_and_leaves_no_partial_files(small_tmpfs):
+    from ladm.files import write_text_atomic
+
+    save_checkpoint(small_tmpfs, 1, {"w": torch.zeros(8)}, keep=2)
+    with pytest.raises(LadmError, match="cannot write .*step-2.*the previous checkpoint is intact"):
+        save_checkpoint(small_tmpfs, 2, {"w": torch.zeros(200_000)}, keep=2)  # 800 kB into 256 KiB
+    with pytest.raises(LadmError, match=r"cannot write .*results.json \(No space left on device\)"):
+        write_text_atomic(small_tmpfs / "results.json", "x" * 400_000)
+    leftovers = sorted(p.name for p in small_tmpfs.rglob("*"))
+    assert leftovers == ["checkpoints", "state.pt", "step-1"], leftovers
+
+
+def test_a_failed_adapter_write_leaves_the_old_adapter_and_no_partial_folder(tmp_path):
+    from ladm.train import save_adapter
+
+    class Failing:
+        def save(self, model, folder):
+            folder.mkdir(parents=True)
+            (folder / "adapter_config.json").write_text("{}")
+            raise RuntimeError("safetensors_rust.SafetensorError: Error while serializing: IoError(No space left)")
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "old.safetensors").write_text("old")
+    with pytest.raises(LadmError, match="cannot write .*adapter.*Error while serializing"):
+        save_adapter(Failing(), None, tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adapter", "old.safetensors"]
 
 
 @pytest.mark.parametrize("method", ["lora", "mlas_lora"])
