@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ladm import LadmError
-from ladm.files import WRITE_ERRORS, write_failure
+from ladm.files import write_folder_atomic
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -79,21 +79,14 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) 
     """Write `state` as checkpoints/step-<step>, atomically; prune all but the newest `keep`.
 
     A write failure (disk full, quota) removes the partial folder and is one clear error."""
-    root = out_dir / "checkpoints"
-    target, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / "state.pt")
-        with open(tmp / "state.pt", "rb") as f:
+    target = out_dir / "checkpoints" / f"step-{step}"
+
+    def write(folder: Path) -> None:
+        torch.save(state, folder / "state.pt")
+        with open(folder / "state.pt", "rb") as f:
             os.fsync(f.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except WRITE_ERRORS as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure(target, err, "free disk space or set train.checkpoint_every=0; the previous checkpoint "
-                                         "is intact") from err
+
+    write_folder_atomic(target, write, "free disk space or set train.checkpoint_every=0; the previous checkpoint is intact")
     for _, old in checkpoint_steps(out_dir)[:-keep]:
         shutil.rmtree(old)
     return target

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,26 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_folder_atomic(folder: str | Path, write: Callable[[Path], None],
+                        fix: str = "free disk space and run the same command again") -> None:
+    """`write(tmp)` into a temporary folder beside `folder`, give its files the umask's mode (libraries such as PEFT
+    write 0600), then replace `folder` by it: a failed write leaves no partial folder (and the old one in place)
+    and is one clear error."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        follow_umask(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except WRITE_ERRORS as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(folder, err, fix) from err
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, share, training_data, truncate
 from ladm.distributed import DistEnv
 from ladm.evaluation import EvalSet, Evaluator, read_test_sets, record_test_results, run_once, score, versions
-from ladm.files import WRITE_ERRORS, follow_umask, write_failure
+from ladm.files import write_folder_atomic
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
 from ladm.metrics import Scorer
@@ -67,20 +66,10 @@ def resume_state(cfg: DictConfig, out_dir: Path, dist: DistEnv, trains: bool, fr
 
 
 def save_adapter(method, model: torch.nn.Module, folder: Path) -> None:
-    """`method.save` into a temporary folder beside `folder`, group-readable (PEFT writes 0600), then renamed: a
-    failed write (disk full) leaves no half adapter and is one clear error; the old adapter stays until replaced."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        method.save(model, tmp)
-        follow_umask(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except WRITE_ERRORS as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure(folder, err, "free disk space and run the same command again (training resumes from "
-                                         "its last checkpoint, if any)") from err
+    """`method.save`, atomically and group-readable (`write_folder_atomic`): a failed write (disk full) leaves no
+    half adapter and is one clear error."""
+    write_folder_atomic(folder, lambda tmp: method.save(model, tmp),
+                        "free disk space and run the same command again (training resumes from its last checkpoint, if any)")
 
 
 def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: float, fresh: bool) -> dict:

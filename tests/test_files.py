@@ -69,7 +69,6 @@ def test_a_failed_adapter_write_leaves_the_old_adapter_and_no_partial_folder(tmp
 
     class Failing:
         def save(self, model, folder):
-            folder.mkdir(parents=True)
             (folder / "adapter_config.json").write_text("{}")
             raise RuntimeError("safetensors_rust.SafetensorError: Error while serializing: IoError(No space left)")
 
