@@ -124,6 +124,27 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class FolderInUse(LadmError):
+    """Another process holds the run folder's lock."""
+
+
+HELD_BY_LAUNCHER: dict[Path, RunFolderLock] = {}
+
+
+def hold_run_folder(out_dir: Path) -> RunFolderLock:
+    """The entry point takes the folder's lock before anything is written there (Hydra's files, the log); the
+    job's `run_once` then finds it held by this process."""
+    lock = RunFolderLock(out_dir)
+    HELD_BY_LAUNCHER[out_dir.resolve()] = lock
+    return lock
+
+
+def release_run_folder(out_dir: Path) -> None:
+    lock = HELD_BY_LAUNCHER.pop(out_dir.resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
 class RunFolderLock:
     """An exclusive `flock` on `<run folder>/.lock`: a second run in the same folder is refused. The kernel
     drops the lock when the process ends, however it ends (SIGKILL included), so it never stays stuck."""
@@ -137,7 +158,7 @@ class RunFolderLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise LadmError(f"run folder {out_dir} is in use by {holder}: wait for it to finish, or give this run "
+            raise FolderInUse(f"run folder {out_dir} is in use by {holder}: wait for it to finish, or give this run "
                             "another folder (hydra.run.dir=...)") from err
         self.file.seek(0)
         self.file.truncate()

@@ -15,8 +15,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ladm import CONFIG_DIR, LadmError
+from ladm.checkpoint import FolderInUse, hold_run_folder, release_run_folder
 from ladm.distributed import run_stamp
-from ladm.files import write_json_atomic
+from ladm.files import write_json_atomic, write_text_atomic
 from ladm.schema import is_component
 from ladm.trainer import Preempted
 
@@ -75,6 +76,15 @@ def check_group_choices(overrides: list[str]) -> None:
                 raise LadmError(f"unknown {group} '{value}': choose one of {', '.join(sorted(groups[group]))}{extra}")
 
 
+def save_hydra_files(cfg: DictConfig, hydra_cfg: DictConfig, out_dir: Path) -> None:
+    """What Hydra writes into a job's `.hydra/` (config, hydra config, overrides), written by ladm once the job holds
+    its folder's lock (conf/hydra/default.yaml turns Hydra's own writing off)."""
+    folder = out_dir / ".hydra"
+    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text_atomic(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+
+
 def _fail(prog: str, err: LadmError) -> None:
     print(f"{prog}: error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -104,8 +114,19 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
         hydra_cfg = HydraConfig.get()
         out_dir = Path(hydra_cfg.runtime.output_dir)
         objective = cfg.get("objective")
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        if multirun:
             sweep["jobs"].append(out_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            try:  # before anything is written: a refused run changes nothing in the folder
+                hold_run_folder(out_dir)
+            except FolderInUse as err:
+                if not multirun:
+                    _fail(prog, err)
+                print(f"{prog}: job {out_dir.name} not run: {err}", file=sys.stderr)
+                sweep["failed"].append(out_dir)
+                return objective_value(objective, None)
+            save_hydra_files(cfg, hydra_cfg, out_dir)
         try:
             return objective_value(objective, task(cfg, out_dir))
         except Exception as err:
@@ -126,6 +147,8 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
                 except OSError as write_err:  # e.g. the disk is full: the sweep still goes on
                     log.error("could not record the failure of %s: %s", out_dir.name, write_err)
             return objective_value(objective, None)
+        finally:
+            release_run_folder(out_dir)
 
     def main() -> None:
         # One time stamp for the whole launch: every job of a sweep without `name=` shares one `adhoc-<time>` name

@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ladm import REPO_ROOT
-from ladm.checkpoint import RunFolderLock
+from ladm.checkpoint import HELD_BY_LAUNCHER, RunFolderLock
 from ladm.data import ParallelCorpus, read_split, share, test_set_configs
 from ladm.distributed import DistEnv
 from ladm.files import write_json_atomic, write_lines_atomic
@@ -112,7 +112,8 @@ def run_once(cfg: DictConfig, out_dir: Path, dist: DistEnv, job: Callable[[bool]
         log.info("skipping %s: results.json is complete for this config (force=true to run it again)", out_dir)
         dist.close()
         return done
-    lock = RunFolderLock(out_dir) if dist.is_main else None
+    held = out_dir.resolve() in HELD_BY_LAUNCHER  # taken by the entry point before Hydra's files were written
+    lock = RunFolderLock(out_dir) if dist.is_main and not held else None
     try:
         return job(cfg.force or stale)
     finally:

@@ -218,3 +218,31 @@ def test_slurm_launcher_preset_gives_one_task_per_gpu(make_cfg):
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.tasks_per_node == 4
+
+
+def test_a_refused_second_run_changes_nothing_in_the_folder(tmp_path, cache_dir):
+    """The lock is taken before Hydra's files and the log are written: a second `ladm-train` in a folder in use
+    (here held by this process) exits 2 naming the holder, and every file of the folder keeps its bytes."""
+    import subprocess
+    import sys
+
+    from ladm import REPO_ROOT
+    from ladm.checkpoint import RunFolderLock
+
+    folder = tmp_path / "run"
+    command = [sys.executable, "-m", "ladm.train", "method=zero_shot", "debug=fast", "eval.max_samples=2",
+               "eval.max_new_tokens=2", f"cache_dir={cache_dir}", f"hydra.run.dir={folder}"]
+    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "ladm.log", "results.json"} <= {
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    snapshot = lambda: {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
+                        if p.is_file() and p.name != ".lock"}
+    before = snapshot()
+    holder = RunFolderLock(folder)
+    try:
+        second = subprocess.run(command + ["train.lr=5e-4", "force=true"], cwd=REPO_ROOT, capture_output=True, text=True)
+    finally:
+        holder.release()
+    assert second.returncode == 2 and "is in use by pid" in second.stderr.strip().splitlines()[-1], second.stderr[-2000:]
+    assert snapshot() == before
