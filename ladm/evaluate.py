@@ -8,6 +8,7 @@ test sets → predictions/ and results.json in the layout of a training run, so 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,31 @@ def changed_eval_settings(eval_cfg: DictConfig) -> dict:
     return changed(given, default)
 
 
+OWN_RESOLVERS = ("repo_root", "job_dirname", "run_stamp")  # ladm's, reading nothing of the machine
+RESOLVER = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
+
+
+def refuse_foreign_resolvers(config: DictConfig, source: Path) -> None:
+    """A run folder's config is evaluated without reading this machine: a value (outside the keys this command
+    replaces) that calls a resolver other than ladm's own, e.g. `${oc.env:SECRET}`, is refused in one line."""
+    def walk(node: object, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if f"{key}{k}" not in KEPT:
+                    walk(v, f"{key}{k}.")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}{i}.")
+        elif isinstance(node, str):
+            for name in RESOLVER.findall(node):
+                if name not in OWN_RESOLVERS:
+                    raise LadmError(f"{key.rstrip('.')} in {source} is {node!r}: ladm-eval does not resolve ${{{name}:...}} "
+                                    "in a run folder's config (it would read this machine's environment); replace it by "
+                                    "its value in that file")
+
+    walk(OmegaConf.to_container(config, resolve=False), "")
+
+
 def run_config(run_dir: Path) -> tuple[DictConfig, dict]:
     """The config a ladm run folder was trained with (its .hydra/config.yaml, else its results.json) and that
     results.json (empty if there is none)."""
@@ -50,11 +76,24 @@ def run_config(run_dir: Path) -> tuple[DictConfig, dict]:
         raise LadmError(f"evaluate.run={run_dir} is not a folder: give a ladm-train run folder")
     results_path = run_dir / "results.json"
     results = read_json(results_path, "results file", "give a ladm-train run folder") if results_path.is_file() else {}
+    if not isinstance(results, dict):
+        raise LadmError(f"{results_path} holds a JSON {type(results).__name__}, not a run's results: restore it or "
+                        "re-run the training")
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.is_file():
-        return OmegaConf.load(saved), results
+        try:
+            config = OmegaConf.load(saved)
+        except Exception as err:  # noqa: BLE001 - YAML and OmegaConf errors alike: one line
+            raise LadmError(f"{saved} is not a readable config ({type(err).__name__}): restore it from the run's "
+                            "results.json (its `config`) or re-run the training") from err
+        if not isinstance(config, DictConfig):
+            raise LadmError(f"{saved} does not hold a config mapping: restore it or re-run the training")
+        refuse_foreign_resolvers(config, saved)
+        return config, results
     if isinstance(results.get("config"), dict):
-        return OmegaConf.create(results["config"]), results
+        config = OmegaConf.create(results["config"])
+        refuse_foreign_resolvers(config, results_path)
+        return config, results
     raise LadmError(f"{run_dir} is not a ladm run folder (no .hydra/config.yaml and no results.json with a config)")
 
 

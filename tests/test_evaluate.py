@@ -256,3 +256,34 @@ def test_tico19_pairs_with_the_pivot_language_read_one_memory(make_cfg, pair):
     ids = [i for i in zh if zh[i] and en[i]]
     src, tgt = (zh, en) if pair == "zh-en" else (en, zh)
     assert corpus.src == [src[i] for i in ids] and corpus.tgt == [tgt[i] for i in ids] and len(ids) == 3071
+
+
+def test_a_foreign_run_folder_is_read_without_reading_this_machine(make_cfg, tmp_path, monkeypatch):
+    """A run folder's config that calls `${oc.env:...}` (outside the keys ladm-eval replaces) is refused in one
+    line, and the variable's value appears nowhere; a corrupt config.yaml or a results.json holding a list are one
+    line too. ladm's own config (cache_dir and logger read the environment) is accepted."""
+    from omegaconf import OmegaConf
+
+    from ladm import LadmError
+    from ladm.evaluate import run_config
+
+    monkeypatch.setenv("SOME_SECRET", "hunter2")
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    config = OmegaConf.to_container(make_cfg("method=zero_shot"), resolve=False)
+    config["cache_dir"] = "${oc.env:LADM_CACHE,/tmp}"
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    assert run_config(run_dir)[0].method.name == "zero_shot"
+
+    config["prompt"]["template"] = "${oc.env:SOME_SECRET} {src}"
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    with pytest.raises(LadmError, match=r"prompt.template in .*does not resolve \$\{oc.env:...\}") as err:
+        run_config(run_dir)
+    assert "hunter2" not in str(err.value)
+
+    (run_dir / ".hydra" / "config.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(LadmError, match="config.yaml is not a readable config"):
+        run_config(run_dir)
+    (run_dir / "results.json").write_text("[1, 2]")
+    with pytest.raises(LadmError, match="holds a JSON list"):
+        run_config(run_dir)
