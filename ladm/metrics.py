@@ -7,6 +7,7 @@ SentencePiece model. A score computed with any other SentencePiece model is repo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -129,6 +130,7 @@ def comet_python(eval_cfg: DictConfig) -> str | None:
     return found if Path(found).is_file() else None
 
 
+@functools.lru_cache(maxsize=8)
 def worker_problem(python: str) -> str | None:
     """Why the COMET environment at `python` cannot score (not runnable, or unbabel-comet does not import there)."""
     try:
@@ -150,8 +152,7 @@ def comet_problem(eval_cfg: DictConfig) -> str | None:
         return ("unbabel-comet is not installed here and no COMET environment was found (its last release needs "
                 "transformers<5 and numpy<2): `make install` builds .venv-comet beside .venv; elsewhere set "
                 "eval.comet.python (or LADM_COMET_PYTHON) to the Python of an environment with unbabel-comet 2.2")
-    if python is not None and (problem := worker_problem(python)):
-        return problem
+    # the files first (a look on disk), then the environment (starting a Python: seconds, once per process)
     checkpoint = comet_checkpoint(name)
     if checkpoint is None:
         return f"the COMET checkpoint '{name}' is not in the Hugging Face cache or a local folder"
@@ -162,7 +163,7 @@ def comet_problem(eval_cfg: DictConfig) -> str | None:
         load_encoder_files(encoder, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure means "not available offline"
         return f"the tokenizer/config of '{encoder}', which COMET '{name}' loads, is not in the Hugging Face cache"
-    return None
+    return worker_problem(python) if python is not None else None
 
 
 def fetch_comet(eval_cfg: DictConfig) -> None:

@@ -11,6 +11,7 @@ by transformers' own GGUF loader (de-quantised to float32); later runs load that
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -161,20 +162,33 @@ def _check_safetensors(file: Path) -> None:
                         f"{8 + length + end:,}): download it again")
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, files: tuple):
+    """One tokenizer per folder and file state per process: the jobs of a local sweep share it (a 262k-entry
+    tokenizer takes seconds to build). `files`: the tokenizer files' names, sizes and mtimes (the cache key)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token: using the EOS token %r for padding", tokenizer.eos_token)
+    return tokenizer
+
+
 def load_tokenizer(model_cfg: DictConfig):
     """The tokenizer of `model.path`; a missing pad token becomes EOS."""
     check_model_path(model_cfg)
+    path = _resolve(model_cfg.path)
+    folder = Path(path)
+    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*"))
+                  if p.name in TOKENIZER_FILES or p.name.startswith(("special_tokens", "chat_template"))) \
+        if folder.is_dir() else ()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_resolve(model_cfg.path))
+        tokenizer = _tokenizer(path, files)
     except OSError as err:
         raise LadmError(f"cannot load the tokenizer of {model_cfg.path}: {str(err).splitlines()[0]} "
                         "(download it first, or set model.path to a local directory)") from err
     if model_cfg.chat_template and not tokenizer.chat_template:
         raise LadmError(f"model.chat_template=true, but the tokenizer of {model_cfg.path} has no chat template: "
                         "set model.chat_template=false (base models) or use the instruct model's tokenizer")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        log.info("tokenizer has no pad token: using the EOS token %r for padding", tokenizer.eos_token)
     return tokenizer
 
 
