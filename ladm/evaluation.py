@@ -33,7 +33,7 @@ from ladm.data import ParallelCorpus, read_split, share, test_set_configs
 from ladm.distributed import DistEnv
 from ladm.files import write_json_atomic, write_lines_atomic
 from ladm.generation import translate
-from ladm.metrics import Scorer, target_script_ratio
+from ladm.metrics import Scorer, target_language_rate, target_script_ratio
 from ladm.schema import config_hash
 from ladm.tracking import Tracker
 
@@ -220,7 +220,8 @@ def score(scorer: Scorer, eval_set: EvalSet, outputs: dict[str, list[str]], targ
     for pair, hypotheses in outputs.items():
         corpus = eval_set.corpora[pair]
         metrics, signatures = scorer.score(corpus.src, hypotheses, corpus.tgt, comet=False)
-        scored[pair] = (metrics | {"target_script_ratio": target_script_ratio(hypotheses, targets[pair])}, signatures)
+        scored[pair] = (metrics | {"target_script_ratio": target_script_ratio(hypotheses, targets[pair]),
+                                   "target_language": target_language_rate(hypotheses, targets[pair])}, signatures)
     for pair, (metrics, _) in scored.items():
         tracker.log({f"{eval_set.name}/{pair}/{k}": v for k, v in metrics.items() if v is not None}, step=step)
     return scored
@@ -278,9 +279,13 @@ def record_test_results(results: dict, out_dir: Path, scorer: Scorer, evaluator:
         for pair, m in entry["metrics"].items():
             log.info("%s %s %s (%s): %s", results["model"], results["method"], pair, s,
                      ", ".join(f"{k}={v:.2f}" for k, v in m.items() if v is not None))
-            ratio = m.get("target_script_ratio")
-            if ratio is not None and ratio < OFF_TARGET_BELOW:
+            language, script = m.get("target_language"), m.get("target_script_ratio")
+            if language is not None and language < OFF_TARGET_BELOW:
+                log.warning("%s %s %s (%s): mostly off-target output: only %.0f%% of the hypotheses are in the target "
+                            "language (CLD2; see predictions/%s/%s.hyp)", results["model"], results["method"], pair, s,
+                            100 * language, s, pair)
+            elif language is None and script is not None and script < OFF_TARGET_BELOW:
                 log.warning("%s %s %s (%s): mostly off-target output: only %.0f%% of the hypotheses' letters are in "
                             "the target's script (see predictions/%s/%s.hyp)", results["model"], results["method"],
-                            pair, s, 100 * ratio, s, pair)
+                            pair, s, 100 * script, s, pair)
     return results

@@ -31,7 +31,8 @@ from ladm.files import read_json, write_text_atomic
 from ladm.plots import delta_r_title, draw_delta_r, pyplot, save_figure
 
 METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)",
-           "target_script_ratio": "target-script ratio (share of hypothesis letters in the target's script)"}
+           "target_script_ratio": "target-script ratio (share of hypothesis letters in the target's script)",
+           "target_language": "target-language rate (share of hypotheses CLD2 identifies as the target language)"}
 BOOTSTRAPPED = {"chrf++", "spbleu"}  # sentence-level COMET scores are not saved, so COMET is not resampled
 IGNORED_KEYS = ("pair.", "data.", "name", "cache_dir", "force", "logger.", "eval.comet.", "probe.reference_pair",
                 "evaluate.", "train.seed")

@@ -283,3 +283,24 @@ def test_a_run_without_unbabel_comet_records_what_was_missing(make_cfg, files_ov
     assert results["status"] == "complete" and results["metrics"]["zh-lo"]["comet"] is None
     assert "unbabel-comet is not installed" in results["skipped"]["comet"]
     assert results["versions"]["unbabel-comet"] is None and results["metrics"]["zh-lo"]["chrf++"] >= 0
+
+
+def test_target_language_rate_is_cld2s_verdict_per_hypothesis():
+    """Against pycld2 called directly: FLORES devtest references identified as their own language, a half-and-half
+    mix, CLD2's id/ms confusion, and what CLD2 cannot identify (off-target)."""
+    import pycld2
+
+    from ladm import REPO_ROOT
+    from ladm.metrics import target_language_rate
+
+    devtest = REPO_ROOT / "data" / "flores200" / "devtest"
+    thai = (devtest / "tha_Thai.devtest").read_text(encoding="utf-8").splitlines()[:20]
+    english = (devtest / "eng_Latn.devtest").read_text(encoding="utf-8").splitlines()[:20]
+    malay = (devtest / "zsm_Latn.devtest").read_text(encoding="utf-8").splitlines()[:100]
+    assert target_language_rate(thai, "th") == 1.0 and target_language_rate(english, "th") == 0.0
+    assert target_language_rate(thai[:10] + english[:10], "th") == 0.5
+    direct = sum(pycld2.detect(s)[2][0][1] == "ms" for s in malay) / len(malay)
+    assert target_language_rate(malay, "ms") == pytest.approx(direct) and 0.5 < direct < 1.0  # some read as id
+    unidentified = ["០១", "", "xin chao"]  # Khmer digits, nothing, too little Vietnamese: CLD2 says 'un'
+    assert [pycld2.detect(s)[2][0][1] for s in unidentified] == ["un"] * 3
+    assert target_language_rate(unidentified, "km") == target_language_rate(unidentified, "vi") == 0.0
