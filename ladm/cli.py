@@ -103,10 +103,12 @@ def objective_value(objective: str | None, results: object) -> float | None:
     return sum(scores) / len(scores)
 
 
-def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], object]) -> Callable[[], None]:
+def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], object],
+             prepare_argv: Callable[[list[str]], list[str]] | None = None) -> Callable[[], None]:
     """`main()` for a console script: validate group names, compose `conf/<config_name>`, run `task`; the job
     returns `objective_value` to the sweeper. A sweep whose jobs ran in this process (Hydra's basic launcher, the
-    Optuna sweeper) exits 1 after all of them ran when any failed, with one closing line."""
+    Optuna sweeper) exits 1 after all of them ran when any failed, with one closing line. `prepare_argv` may rewrite
+    the command line first (ladm-eval expands globs and path files of run folders)."""
     sweep: dict[str, list[Path]] = {"jobs": [], "failed": []}
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
@@ -155,6 +157,8 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
         # (submitit's jobs inherit the environment), whatever hydra.sweep.dir is.
         os.environ.setdefault("LADM_RUN_STAMP", run_stamp())
         try:
+            if prepare_argv is not None:
+                sys.argv[1:] = prepare_argv(sys.argv[1:])
             check_group_choices(sys.argv[1:])
         except LadmError as err:
             _fail(prog, err)

@@ -7,6 +7,7 @@ test sets → predictions/ and results.json in the layout of a training run, so 
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 import time
@@ -195,7 +196,46 @@ def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, sta
     return results
 
 
-main = cli_main("ladm-eval", "evaluate", run)
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "results.json").is_file() or (path / ".hydra" / "config.yaml").is_file())
+
+
+def _quoted(path: Path) -> str:
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def expand_run_folders(argv: list[str]) -> list[str]:
+    """`evaluate.run=<glob>` (e.g. `multirun/my_sweep/*`) or `evaluate.run=@<file>` (one folder per line) becomes
+    the run folders it names, quoted for Hydra (job folder names hold '=' and ','); folders that are not runs
+    (a sweep's report/, wandb/) are left out. Several folders need `-m` (one evaluation job each)."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    expanded = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        value = value.strip("'\"")
+        if key != "evaluate.run" or not (value.startswith("@") or any(c in value for c in "*?[")):
+            expanded.append(arg)
+            continue
+        if value.startswith("@"):
+            listing = Path(value[1:]).expanduser()
+            if not listing.is_file():
+                raise LadmError(f"evaluate.run=@{listing}: no such file (give a file with one run folder per line)")
+            named = [Path(line.strip()).expanduser() for line in listing.read_text(encoding="utf-8").splitlines()
+                     if line.strip()]
+        else:
+            named = [Path(p) for p in sorted(glob.glob(str(Path(value).expanduser())))]
+        folders = [p.resolve() for p in named if is_run_folder(p)]
+        if not folders:
+            raise LadmError(f"evaluate.run={value} names no run folder (a folder with results.json or "
+                            ".hydra/config.yaml): check the path")
+        if len(folders) > 1 and not multirun:
+            raise LadmError(f"evaluate.run={value} names {len(folders)} run folders: add -m to evaluate each "
+                            "(one job per folder)")
+        expanded.append("evaluate.run=" + ",".join(_quoted(f) for f in folders))
+    return expanded
+
+
+main = cli_main("ladm-eval", "evaluate", run, prepare_argv=expand_run_folders)
 
 
 if __name__ == "__main__":

@@ -206,17 +206,20 @@ def test_readme_ladm_eval_commands_run_as_printed(make_cfg, files_overrides, tmp
     (sweep / "wandb").mkdir()
     small = f" eval.max_new_tokens=3 eval.max_samples=2 logger=none cache_dir={cache_dir}"
     ladm_eval = f"{sys.executable} -m ladm.evaluate"
-    many = readme_command('ladm-eval -m "evaluate.run=$(ls multirun/my_sweep/').replace("multirun/my_sweep", str(sweep))
+    listing = tmp_path / "my_jobs.txt"
+    listing.write_text(f"{runs[1]}\n\n")
+    many = readme_command('ladm-eval -m "evaluate.run=multirun/my_sweep/*"').replace("multirun/my_sweep", str(sweep))
+    listed = readme_command("ladm-eval -m evaluate.run=@my_jobs.txt").replace("my_jobs.txt", str(listing))
     one = readme_command('ladm-eval "evaluate.run=').replace("multirun/ladm_vs_lora/<job>", str(runs[0]))
-    for name, command in (("many", many), ("one", one)):
+    for name, command in (("many", many), ("listed", listed), ("one", one)):
         command = command.replace("ladm-eval", ladm_eval, 1)
         out = tmp_path / f"eval-{name}"
-        where = f" hydra.sweep.dir={out}" if name == "many" else f" hydra.run.dir={out}"
+        where = f" hydra.run.dir={out}" if name == "one" else f" hydra.sweep.dir={out}"
         proc = subprocess.run(["bash", "-c", command.split("  #")[0] + small + where], cwd=REPO_ROOT,
                               capture_output=True, text=True, env=ENV)
         assert proc.returncode == 0, proc.stderr[-3000:]
         found = [json.loads(p.read_text()) for p in out.rglob("results.json")]
-        expected = runs if name == "many" else runs[:1]
+        expected = {"many": runs, "listed": runs[1:], "one": runs[:1]}[name]
         assert sorted(r["evaluated"]["path"] for r in found) == sorted(map(str, expected))
         assert all(r["status"] == "complete" and r["max_new_tokens"] == {"zh-km": 3} for r in found)
     assert list(json.loads(next((tmp_path / "eval-one").rglob("results.json")).read_text())["test_sets"]) == [
@@ -228,8 +231,12 @@ def test_readme_ladm_eval_commands_run_as_printed(make_cfg, files_overrides, tmp
     (["eval.test_sets=[wmt19]"], "eval.test_sets must be a non-empty list of flores200 | ntrex128 | tico19"),
     (["evaluate.run=/nonexistent/run"], "is not a folder"),
     (["evaluate.adapter=/nonexistent/adapter"], "is not a folder"),
+    (["evaluate.run=/nonexistent/sweep/*"], "names no run folder"),
+    (["evaluate.run=@/nonexistent/jobs.txt"], "no such file"),
+    ([f"evaluate.run={REPO_ROOT}/*"], "names no run folder"),
 ])
 def test_bad_evaluation_input_is_one_line(tmp_path, cache_dir, args, message):
+    """Refused before any model is loaded, in one line, exit code 2."""
     proc = subprocess.run([sys.executable, "-m", "ladm.evaluate", *args, "logger=none", f"cache_dir={cache_dir}",
                            f"hydra.run.dir={tmp_path / 'out'}"], cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
@@ -287,3 +294,20 @@ def test_a_foreign_run_folder_is_read_without_reading_this_machine(make_cfg, tmp
     (run_dir / "results.json").write_text("[1, 2]")
     with pytest.raises(LadmError, match="holds a JSON list"):
         run_config(run_dir)
+
+
+def test_readme_quick_loop_runs_as_printed(tmp_path, cache_dir):
+    """The README's four-line loop (a debug run, a small sweep, ladm-eval over the sweep's folders, ladm-report),
+    run by bash exactly as printed in a fresh folder; only `ladm-*` → this Python's `-m ladm.*`."""
+    lines = (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ladm-train model=tiny-qwen2.5 pair=zh-km method=lora"))
+    script = "\n".join(lines[start:start + 4])
+    for tool, module in (("ladm-train", "train"), ("ladm-eval", "evaluate"), ("ladm-report", "report")):
+        script = script.replace(tool, f"{sys.executable} -m ladm.{module}")
+    proc = subprocess.run(["bash", "-ec", script], cwd=tmp_path, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "outputs" / "debug").rglob("results.json"))) == 1
+    assert len(list((tmp_path / "multirun" / "quick").glob("*/results.json"))) == 4
+    evaluated = [json.loads(p.read_text()) for p in (tmp_path / "multirun" / "quick-ntrex").glob("*/results.json")]
+    assert len(evaluated) == 4 and all(list(r["test_sets"]) == ["ntrex128"] for r in evaluated)
+    assert "| zero_shot |" in proc.stdout and "| lora |" in proc.stdout
