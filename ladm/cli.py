@@ -43,6 +43,23 @@ def config_dirs(argv: list[str]) -> list[Path] | None:
     return [d.expanduser() for d in dirs]
 
 
+PLUGINS = {"hparams_search": ("hydra_plugins.hydra_optuna_sweeper", "Hydra's Optuna sweeper", "optuna"),
+           "hydra/launcher": ("hydra_plugins.hydra_submitit_launcher", "Hydra's submitit launcher", "slurm")}
+
+
+def check_plugins(overrides: list[str]) -> None:
+    """A search or a SLURM launch asked for without its Hydra plugin installed is one line naming the extra."""
+    import importlib.util
+
+    for arg in overrides:
+        group, _, value = arg.lstrip("+").partition("=")
+        if group in PLUGINS and value and value != "null" and (group != "hydra/launcher" or value == "slurm"):
+            module, what, extra = PLUGINS[group]
+            if importlib.util.find_spec(module) is None:
+                raise LadmError(f"{group}={value} needs {what}, which is not installed: pip install 'ladm[{extra}]' "
+                                "(make install has it)")
+
+
 def check_group_choices(overrides: list[str]) -> None:
     """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones (ladm's
     and those in the user's config folders on the search path); refuse a `name=` that is not a plain folder name
@@ -159,6 +176,7 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
         try:
             if prepare_argv is not None:
                 sys.argv[1:] = prepare_argv(sys.argv[1:])
+            check_plugins(sys.argv[1:])
             check_group_choices(sys.argv[1:])
         except LadmError as err:
             _fail(prog, err)

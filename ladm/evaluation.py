@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from ladm import REPO_ROOT
@@ -252,6 +253,9 @@ def record_test_results(results: dict, out_dir: Path, scorer: Scorer, evaluator:
     with the error (the predictions are already on disk) and re-raises. Then the W&B samples tables and summary."""
     try:
         scored = {s.name: score(scorer, s, outputs[s.name], targets, tracker, step) for s in test_sets}
+        if "comet" in scorer.eval_cfg.metrics and next(evaluator.model.parameters()).is_cuda:
+            evaluator.model.to("cpu")  # every hypothesis exists: COMET gets the GPU memory the trained model held
+            torch.cuda.empty_cache()
         score_comet(scorer, test_sets, outputs, scored, out_dir, tracker, step)
     except Exception as err:
         write_json_atomic(out_dir / "results.json", results | {

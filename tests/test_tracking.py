@@ -113,3 +113,33 @@ def test_wandb_project_and_entity_come_from_wandbs_own_variables(make_cfg, tmp_p
     monkeypatch.delenv("WANDB_ENTITY")
     Tracker(make_cfg("logger=wandb", "logger.entity=other"), tmp_path)
     assert (seen["project"], seen["entity"]) == ("ladm", "other")
+
+
+def test_a_run_without_wandb_installed_goes_on_without_it(make_cfg, tmp_path, monkeypatch, caplog):
+    """logger=wandb where wandb cannot be imported: a warning, no run, every call a no-op."""
+    import sys
+
+    from ladm.tracking import Tracker
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with caplog.at_level("WARNING"):
+        tracker = Tracker(make_cfg("logger=wandb", "logger.mode=offline"), tmp_path)
+    assert tracker.run is None and "W&B is unavailable" in caplog.text
+    tracker.log({"a": 1.0}, step=1)
+    tracker.summary({"a": 1.0})
+
+
+def test_a_search_or_slurm_launch_without_its_plugin_is_one_line(monkeypatch):
+    import importlib.util
+
+    from ladm import LadmError
+    from ladm.cli import check_plugins
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins") else real(name, *a))
+    with pytest.raises(LadmError, match=r"needs Hydra's Optuna sweeper, which is not installed: pip install 'ladm\[optuna\]'"):
+        check_plugins(["-m", "hparams_search=optuna_ladm"])
+    with pytest.raises(LadmError, match=r"ladm\[slurm\]"):
+        check_plugins(["hydra/launcher=slurm"])
+    check_plugins(["hparams_search=null", "method=lora"])  # nothing asked for
