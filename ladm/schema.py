@@ -148,7 +148,9 @@ COMMON: dict[str, Rule] = {
 PAIRS = Rule("list", nonempty=True, component=True)  # config names of conf/pair, never paths
 PHI_ESTIMATE = Rule("str", choices=("taylor", "abs"))  # METHODS.md §3.2
 LORA = {"method.r": INT_POS, "method.alpha": FLOAT_POS, "method.dropout": Rule("float", low=0, high=1, high_open=True),
-        "method.target_modules": Rule("list", nonempty=True)}
+        "method.target_modules": Rule("list", nonempty=True),
+        "method.base": Rule("str", choices=("lora", "dora", "rslora", "pissa", "olora", "loraplus")),
+        "method.loraplus_ratio": FLOAT_POS}
 METHOD: dict[str, dict[str, Rule]] = {
     "zero_shot": {},
     "lora": LORA,

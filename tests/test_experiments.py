@@ -20,6 +20,7 @@ CI_SIZE = ["train.max_steps=2", "train.batch_size=4", "data.max_train_samples=16
     ("threshold_ablation", ["method.tau_lil=0.0", "method.k_tal=1,4", "method.k_lil=1"], 4),
     ("mlas_ablation", ["method=mlas_lora,mlas_lora-R-i,mlas_lora-Ms-spe", "++method.r_gen=4", "++method.r_spe=4"], 3),
     ("ladm_vs_baselines", ["pair=zh-lo"], 5),
+    ("peft_variants", ["method.base=dora,loraplus"], 4),
 ])
 def test_experiment_multirun(tmp_path, cache_dir, experiment, narrowing, n_jobs):
     sweep_dir = tmp_path / experiment

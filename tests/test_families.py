@@ -232,7 +232,7 @@ def test_vision_language_gemma3_is_probed_and_adapted_on_its_language_model_only
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Gemma3Config
 
-    from ladm.methods.lora import lora_config
+    from ladm.methods.lora import lora_config, text_only
     from ladm.models import decoder_layers
 
     config = Gemma3Config(
@@ -244,7 +244,7 @@ def test_vision_language_gemma3_is_probed_and_adapted_on_its_language_model_only
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     assert decoder_layers(model) is model.model.language_model.layers and len(decoder_layers(model)) == 3
     method = OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]})
-    model = get_peft_model(model, lora_config(method))
+    model = get_peft_model(model, text_only(lora_config(method), model))
     adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
     assert len(adapted) == 9 and all(".language_model." in name for name in adapted), adapted
     assert any("vision_tower" in name and name.endswith("q_proj") for name, _ in model.named_modules())

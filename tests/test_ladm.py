@@ -213,3 +213,55 @@ def test_malformed_delta_r_is_one_line(make_cfg, delta_r_file, content, message)
     delta_r_file.write_text(content)
     with pytest.raises(LadmError, match=re.escape(message)):
         build_method(make_cfg(*ladm_overrides(delta_r_file)))
+
+
+def one_adamw_update(cfg) -> dict[str, torch.Tensor]:
+    """Every trainable tensor's change after one AdamW step on two fixed sentences (adapters seeded alike)."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer)
+    method = build_method(cfg)
+    torch.manual_seed(0)
+    model = method.prepare_model(model, tokenizer)
+    optimizer = torch.optim.AdamW(method.param_groups(model, 1e-2, 0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.tensor(tokenizer(["你好，世界。ສະບາຍດີ", "今天天气很好。ມື້ນີ້ອາກາດດີ"], padding=True).input_ids)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("base", ["lora", "dora", "rslora", "pissa", "olora", "loraplus"])
+def test_ladm_scales_one_step_of_every_lora_variant_by_m(make_cfg, delta_r_file, base):
+    """For each PEFT variant (`method.base`), one AdamW step of LaDM (`step` mode) changes every tensor of layer l
+    by exactly m_l × the change the same variant makes unmodulated: B, A, DoRA's magnitudes, LoRA+'s faster B."""
+    common = [f"method.base={base}", "method.dropout=0.0", "method.r=4"]
+    plain = one_adamw_update(make_cfg("method=lora", *common))
+    modulated = one_adamw_update(make_cfg(*ladm_overrides(delta_r_file), *common))
+    assert plain.keys() == modulated.keys()
+    moved = [name for name, change in plain.items() if change.abs().sum() > 0]
+    assert len(moved) >= len(plain) // 2, moved
+    if base == "dora":
+        assert any("lora_magnitude_vector" in name for name in moved)
+    for name, change in plain.items():
+        torch.testing.assert_close(modulated[name], MULTIPLIERS[layer_of(name)] * change, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("base", ["pissa", "olora", "dora"])
+def test_saved_variant_adapters_reload_onto_the_unchanged_base(make_cfg, tmp_path, base):
+    """PiSSA and OLoRA move the base weights at initialisation; their saved adapter is converted to a plain LoRA on
+    the unchanged base, so a fresh base model plus the saved folder (as ladm-eval loads it) gives the trained
+    model's logits."""
+    from ladm.methods.base import load_peft_adapters
+
+    cfg = make_cfg("method=lora", f"method.base={base}", "method.dropout=0.0", "method.r=4")
+    tokenizer = load_tokenizer(cfg.model)
+    method = build_method(cfg)
+    model = method.prepare_model(load_model(cfg.model, tokenizer), tokenizer)
+    ids = torch.tensor(tokenizer(["你好，世界。ສະບາຍດີ"]).input_ids)
+    optimizer = torch.optim.AdamW(method.param_groups(model, 1e-2, 0.0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    method.save(model.eval(), tmp_path / "adapter")
+    reloaded = load_peft_adapters(load_model(cfg.model, tokenizer), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

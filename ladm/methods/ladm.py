@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from peft import get_peft_model
 
 from ladm import LadmError
 from ladm.analysis.relevance import check_measured, delta_r_report, measure_relevance, reference_pair_cfg
@@ -136,7 +135,7 @@ class LaDM(LoRA):
                                           for l, m in enumerate(self.multipliers) if m != 1.0}
         # Layers with m_l = 0 keep requiring gradients: their step is zero (lr 0, or a zero gradient), and the
         # gradient norm that is clipped stays plain LoRA's, so every layer's update is exactly m_l × LoRA's.
-        model = get_peft_model(model, lora_config(self.cfg.method, **overrides))
+        model = self.peft_model(model, lora_config(self.cfg.method, **overrides))
         self.params_by_layer = self._trainable_by_layer(model)  # fixed from here on; used every step
         return model
 
@@ -148,11 +147,22 @@ class LaDM(LoRA):
         return groups
 
     def param_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """`step` mode: every group of the base variant (one; LoRA+: A and B apart) split by layer, layer l's at
+        m_l × the group's learning rate."""
+        groups = super().param_groups(model, lr, weight_decay)
         if self.cfg.method.mode != "step":
-            return super().param_groups(model, lr, weight_decay)
-        return [{"params": params, "lr": lr * (1.0 if layer is None else self.multipliers[layer]),
-                 "weight_decay": weight_decay, "layer": layer, "name": "other" if layer is None else f"layer{layer}"}
-                for layer, params in sorted(self.params_by_layer.items(), key=lambda kv: kv[0] or -1)]
+            return groups
+        layer_by_param = {id(p): layer for layer, params in self.params_by_layer.items() for p in params}
+        split = []
+        for index, group in enumerate(groups):
+            by_layer: dict[int | None, list[torch.nn.Parameter]] = {}
+            for param in group["params"]:
+                by_layer.setdefault(layer_by_param.get(id(param)), []).append(param)
+            for layer, params in sorted(by_layer.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+                name = ("other" if layer is None else f"layer{layer}") + (f"/group{index}" if len(groups) > 1 else "")
+                split.append(group | {"params": params, "layer": layer, "name": name,
+                                      "lr": group["lr"] * (1.0 if layer is None else self.multipliers[layer])})
+        return split
 
     def after_backward(self, model: torch.nn.Module) -> None:
         if self.cfg.method.mode != "grad":

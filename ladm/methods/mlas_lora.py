@@ -24,7 +24,7 @@ from ladm.analysis.stage import cached_stage, stage_key
 from ladm.data import SequenceFormat, pair_config
 from ladm.distributed import DistEnv
 from ladm.methods.base import Method
-from ladm.methods.lora import lora_config
+from ladm.methods.lora import lora_config, text_only
 from ladm.models import context_length, decoder_layers, load_model, load_tokenizer, model_config
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,9 @@ class MLASLoRA(Method):
     def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         device = next(model.parameters()).device
         names = self.adapter_names
-        model = get_peft_model(model, self._lora_config(names[0]), adapter_name=names[0])
+        model = get_peft_model(model, text_only(self._lora_config(names[0]), model), adapter_name=names[0])
         for name in names[1:]:
-            model.add_adapter(name, self._lora_config(name))
+            model.add_adapter(name, text_only(self._lora_config(name), model))
         if self.cfg.method.init == "teacher":
             factors, self.summary = load_or_compute(self.cfg, tokenizer, device, self.dist.is_main, self.dist.barrier)
             self._initialise_from_teacher(model, factors)
@@ -217,7 +217,7 @@ class MLASLoRA(Method):
         subtract = self.cfg.method.init_offset == "subtract"
         if subtract:
             for name in self.adapter_names:
-                model.add_adapter(name + OFFSET, self._lora_config(name))
+                model.add_adapter(name + OFFSET, text_only(self._lora_config(name), model))
         for k, layer in enumerate(decoder_layers(model)):
             for target in self.cfg.method.target_modules:
                 for path, module in layer.named_modules():
