@@ -63,7 +63,10 @@ demo: $(STAMP) ## the main job: real Gemma-3-270M, zh→th, zero_shot vs lora vs
 train-ddp: $(STAMP) ## data-parallel training on this box: make train-ddp NPROC=8 ARGS="model=qwen2.5-7b ..."
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m ladm.train $(ARGS)
 
-bench: $(STAMP) ## speed benchmarks (ratios measured in one process)
+bench: $(STAMP) ## every README benchmark figure (ratios in one process), on tiny-llama3 and the real gemma3-270m
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_train.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_train.py --model gemma3-270m --steps 4 --rounds 2
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_startup.py --model gemma3-270m
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_eval.py
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_ladm.py
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_loss.py
