@@ -23,7 +23,7 @@ from ladm.evaluation import Evaluator, read_test_sets, record_test_results, run_
 from ladm.files import folder_digest, read_json
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
-from ladm.methods.base import load_peft_adapters
+from ladm.methods.base import adapter_folders, check_peft_folder, load_peft_adapters
 from ladm.metrics import Scorer
 from ladm.models import base_identity, check_model_path, context_length, load_model, load_tokenizer
 from ladm.schema import config_hash, validate
@@ -113,12 +113,15 @@ def what_to_evaluate(cfg: DictConfig) -> tuple[DictConfig, dict]:
             if not (run_dir / "adapter").is_dir():
                 raise LadmError(f"{run_dir} has no adapter/: that run stopped before training finished; run its "
                                 "ladm-train command again to resume it, then evaluate")
+            if adapter_folders(run_dir / "adapter"):  # PEFT adapters (LANDeRMT saves its own tensors)
+                check_peft_folder(run_dir / "adapter", merged.model.path, bool(cfg.evaluate.get("allow_other_base")))
             evaluated["files_digest"] = folder_digest(run_dir / "adapter")
         return merged, evaluated
     if cfg.evaluate.adapter:
         folder = Path(cfg.evaluate.adapter).expanduser().resolve()
         if not folder.is_dir():
             raise LadmError(f"evaluate.adapter={folder} is not a folder: give a PEFT adapter folder")
+        check_peft_folder(folder, cfg.model.path, bool(cfg.evaluate.get("allow_other_base")))
         return cfg, {"kind": "peft_adapter", "path": str(folder), "files_digest": folder_digest(folder)}
     return cfg, {"kind": "base_model"}
 

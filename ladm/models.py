@@ -144,11 +144,12 @@ def check_model_path(model_cfg: DictConfig) -> None:
                         "download or save the model's weights there")
     for file in weights:
         if file.suffix == ".safetensors":
-            _check_safetensors(file)
+            safetensors_header(file)
 
 
-def _check_safetensors(file: Path) -> None:
-    """The header parses and the file is as long as the header says (a truncated download is refused)."""
+def safetensors_header(file: Path) -> dict:
+    """The header of a safetensors file, checked: it parses and the file is as long as it says (a truncated
+    download or a half-written save is refused in one line)."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -156,10 +157,12 @@ def _check_safetensors(file: Path) -> None:
             header = json.loads(f.read(length)) if 0 < length < size else None
         end = max((t["data_offsets"][1] for k, t in (header or {}).items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise LadmError(f"{file} is not a readable safetensors file ({type(err).__name__}): download it again") from err
+        raise LadmError(f"{file} is not a readable safetensors file ({type(err).__name__}): download or save it "
+                        "again") from err
     if header is None or 8 + length + end != size:
         raise LadmError(f"{file} is truncated or corrupt ({size:,} bytes, its header describes "
-                        f"{8 + length + end:,}): download it again")
+                        f"{8 + length + end:,}): download or save it again")
+    return header
 
 
 @functools.lru_cache(maxsize=4)

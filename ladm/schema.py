@@ -125,6 +125,7 @@ COMMON: dict[str, Rule] = {
     "eval.comet.batch_size": INT_POS, "eval.comet.python": Rule("str", nullable=True),
     "eval.comet.device": Rule("str", choices=("auto", "cpu", "cuda")),
     "evaluate.run": Rule("str", nullable=True), "evaluate.adapter": Rule("str", nullable=True),
+    "evaluate.allow_other_base": Rule("bool", nullable=True),
     "logger.name": Rule("str", choices=("wandb", "none")),
     "logger.mode": Rule("str", choices=("offline", "online", "disabled")),
     "probe.reference_pair": STR, "probe.split": Rule("str", choices=("train", "test")),

@@ -311,3 +311,46 @@ def test_readme_quick_loop_runs_as_printed(tmp_path, cache_dir):
     evaluated = [json.loads(p.read_text()) for p in (tmp_path / "multirun" / "quick-ntrex").glob("*/results.json")]
     assert len(evaluated) == 4 and all(list(r["test_sets"]) == ["ntrex128"] for r in evaluated)
     assert "| zero_shot |" in proc.stdout and "| lora |" in proc.stdout
+
+
+def test_damaged_or_foreign_adapters_are_refused_before_the_model_loads(make_cfg, files_overrides, tmp_path, cache_dir):
+    """ladm-eval on a PEFT folder: a corrupt adapter_config.json, a truncated safetensors, a rank that does not match
+    the weights, and an adapter trained on another base are each one line with exit code 2 (no model loaded);
+    evaluate.allow_other_base=true evaluates the last one."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    train(make_cfg("method=lora", "train.max_steps=1", "train.batch_size=4", "eval.max_samples=1",
+                   "eval.max_new_tokens=2", *files_overrides), run_dir)
+    good = run_dir / "adapter"
+    config = json.loads((good / "adapter_config.json").read_text())
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return folder
+
+    def with_config(**values):
+        return lambda folder: (folder / "adapter_config.json").write_text(json.dumps(config | values))
+
+    weights = good / "adapter_model.safetensors"
+    cases = {
+        variant("corrupt", lambda f: (f / "adapter_config.json").write_text("{not json")): "is not valid JSON",
+        variant("truncated", lambda f: (f / "adapter_model.safetensors").write_bytes(weights.read_bytes()[:-100])):
+            "is truncated or corrupt",
+        variant("rank", with_config(r=config["r"] * 2)): f"has rank {config['r']}, but its adapter_config.json says",
+        variant("foreign", with_config(base_model_name_or_path="Qwen/Qwen2.5-7B")): "was trained on Qwen/Qwen2.5-7B",
+    }
+    for folder, message in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "ladm.evaluate", f"evaluate.adapter={folder}", "logger=none",
+                               f"cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'out' / folder.name}"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], (folder.name, proc.stderr[-1500:])
+        assert "Loading weights" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ladm.evaluate", f"evaluate.adapter={tmp_path / 'foreign'}",
+                           "evaluate.allow_other_base=true", *files_overrides, "eval.max_new_tokens=2", "logger=none",
+                           "eval.metrics=[chrf++]",
+                           f"cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'out' / 'allowed'}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]

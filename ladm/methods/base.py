@@ -10,7 +10,50 @@ from omegaconf import DictConfig
 
 from ladm import LadmError
 from ladm.distributed import DistEnv
-from ladm.models import tensors_digest
+from ladm.files import read_json
+from ladm.models import safetensors_header, tensors_digest
+
+
+def adapter_folders(folder: Path) -> list[Path]:
+    """PEFT's layout: `default` at the top, other adapters in subfolders, each with an adapter_config.json."""
+    folder = Path(folder)
+    return ([folder] if (folder / "adapter_config.json").is_file() else []) + sorted(
+        p.parent for p in folder.glob("*/adapter_config.json"))
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two names of one model: equal, or the same last path component (a hub id and its local copy)."""
+    last = lambda name: Path(str(name).rstrip("/")).name.lower()
+    return str(a) == str(b) or last(a) == last(b)
+
+
+def check_peft_folder(folder: Path, model_path: str | None = None, allow_other_base: bool = False) -> None:
+    """Before any model is loaded: every adapter in `folder` has a readable adapter_config.json and complete
+    weights whose LoRA ranks match its config, and (given `model_path`) was trained on that model, unless
+    `allow_other_base` (evaluate.allow_other_base=true)."""
+    folders = adapter_folders(folder)
+    if not folders:
+        raise LadmError(f"{folder} holds no PEFT adapter (no adapter_config.json): give the adapter/ folder of a "
+                        "run or a folder written by PEFT's save_pretrained")
+    for adapter in folders:
+        config = read_json(adapter / "adapter_config.json", "adapter config", "save the adapter again")
+        if not isinstance(config, dict) or not isinstance(config.get("r", 0), int):
+            raise LadmError(f"{adapter / 'adapter_config.json'} is not a PEFT adapter config: save the adapter again")
+        weights = adapter / "adapter_model.safetensors"
+        if not weights.is_file():
+            if (adapter / "adapter_model.bin").is_file():
+                continue  # pickled weights: left to PEFT (loaded with weights_only)
+            raise LadmError(f"{adapter} has no adapter_model.safetensors: save the adapter again")
+        header = safetensors_header(weights)
+        rank, patterns = config.get("r"), config.get("rank_pattern") or {}
+        for key, entry in header.items():
+            if key != "__metadata__" and "lora_A" in key and not patterns and entry["shape"][0] != rank:
+                raise LadmError(f"{weights}: {key} has rank {entry['shape'][0]}, but its adapter_config.json says "
+                                f"r={rank}: the files do not belong together; save the adapter again")
+        base = config.get("base_model_name_or_path")
+        if model_path and base and not allow_other_base and not _same_model(base, model_path):
+            raise LadmError(f"{adapter} was trained on {base}, not on model.path={model_path}: evaluate it on its "
+                            "own base model, or set evaluate.allow_other_base=true")
 
 
 def load_peft_adapters(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
@@ -19,11 +62,8 @@ def load_peft_adapters(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     from peft import PeftModel
 
     folder = Path(folder)
-    found = ([folder] if (folder / "adapter_config.json").is_file() else []) + sorted(
-        p.parent for p in folder.glob("*/adapter_config.json"))
-    if not found:
-        raise LadmError(f"{folder} holds no PEFT adapter (no adapter_config.json): give the adapter/ folder of a "
-                        "run or a folder written by PEFT's save_pretrained")
+    check_peft_folder(folder)
+    found = adapter_folders(folder)
     names = ["default" if path == folder else path.name for path in found]
     model = PeftModel.from_pretrained(model, found[0], adapter_name=names[0])
     for path, name in zip(found[1:], names[1:], strict=True):
