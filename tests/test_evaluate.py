@@ -233,6 +233,7 @@ def test_readme_ladm_eval_commands_run_as_printed(make_cfg, files_overrides, tmp
     (["evaluate.adapter=/nonexistent/adapter"], "is not a folder"),
     (["evaluate.run=/nonexistent/sweep/*"], "names no run folder"),
     (["evaluate.run=@/nonexistent/jobs.txt"], "no such file"),
+    (["evaluate.allow_other_base=abc"], "evaluate.allow_other_base must be true or false or null, got 'abc'"),
     ([f"evaluate.run={REPO_ROOT}/*"], "names no run folder"),
 ])
 def test_bad_evaluation_input_is_one_line(tmp_path, cache_dir, args, message):
