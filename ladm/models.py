@@ -99,7 +99,8 @@ def convert_gguf(model_cfg: DictConfig) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "ladm_source.json").write_text(json.dumps({"gguf": str(gguf_file), "sha256": file_sha256(gguf_file)}))
+        (tmp / "ladm_source.json").write_text(json.dumps({"gguf": str(gguf_file), "sha256": file_sha256(gguf_file),
+                                                          "source": OmegaConf.to_container(model_cfg.gguf)}))
         follow_umask(tmp)
         os.chmod(tmp, 0o777 & ~current_umask())
         os.rename(tmp, target)
@@ -110,9 +111,22 @@ def convert_gguf(model_cfg: DictConfig) -> None:
 
 
 def ensure_model_folder(model_cfg: DictConfig) -> None:
-    """A `model.gguf` model's folder exists (converted now if not); nothing to do for other models."""
-    if model_cfg.get("gguf") and not (Path(model_cfg.path).expanduser() / "ladm_source.json").is_file():
+    """A `model.gguf` model's folder exists (converted now if not) and was converted from this `model.gguf`;
+    nothing to do for other models."""
+    if not model_cfg.get("gguf"):
+        return
+    record = Path(model_cfg.path).expanduser() / "ladm_source.json"
+    if not record.is_file():
         convert_gguf(model_cfg)
+        return
+    try:
+        source = json.loads(record.read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if source != OmegaConf.to_container(model_cfg.gguf):
+        raise LadmError(f"model.path {model_cfg.path} holds a conversion of {source}, not of model.gguf="
+                        f"{OmegaConf.to_container(model_cfg.gguf)}: give this GGUF another model.path, or delete that "
+                        "folder to convert it again")
 
 
 def check_model_path(model_cfg: DictConfig) -> None:

