@@ -9,7 +9,7 @@ COMET_VENV ?= .venv-comet
 COMET_STAMP := $(COMET_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-lower lint demo train-ddp bench clean
+.PHONY: help install test test-lower lint demo compare train-ddp bench clean
 
 NPROC ?= 2
 ARGS ?=
@@ -59,6 +59,13 @@ lint: $(STAMP) ## ruff over ladm/, tests/ and benchmarks/
 demo: $(STAMP) ## the main job: real Gemma-3-270M, zh→th, zero_shot vs lora vs ladm, offline on CPU (~10 min), then the report
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun experiment=demo
 	$(VENV)/bin/ladm-report multirun/demo
+
+COMPARE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/ladm-train --multirun experiment=real_comparison
+compare: $(STAMP) ## the committed real-weights comparison: gemma3-270m, zh→id and zh→lo, five methods, two seeds (~2 h on 2 cores) → results/real_comparison
+	$(COMPARE)
+	$(COMPARE) method=ladm strength=s1
+	$(COMPARE) method=landermt pair=zh-id 'method.pairs=[zh-id,zh-lo]' method.split=ratio
+	$(VENV)/bin/ladm-report results/real_comparison --no-wandb
 
 train-ddp: $(STAMP) ## data-parallel training on this box: make train-ddp NPROC=8 ARGS="model=qwen2.5-7b ..."
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m ladm.train $(ARGS)
