@@ -143,17 +143,26 @@ def _tmx_segments(path: Path, lang: str) -> dict[str, str]:
     import xml.etree.ElementTree as ET
     import zipfile
 
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as archive:
-            raw = archive.read(next(n for n in archive.namelist() if n.endswith(".tmx")))
-    else:
-        raw = path.read_bytes()
+    try:
+        if path.suffix == ".zip":
+            with zipfile.ZipFile(path) as archive:
+                inside = [n for n in archive.namelist() if n.endswith(".tmx")]
+                if not inside:
+                    raise LadmError(f"{path} holds no .tmx file: give a zip of one TMX memory (TICO-19's layout)")
+                raw = archive.read(inside[0])
+        else:
+            raw = path.read_bytes()
+        root = ET.fromstring(raw)
+    except (OSError, zipfile.BadZipFile, ET.ParseError, EOFError) as err:
+        raise LadmError(f"{path} is not a readable TMX memory ({type(err).__name__}: {err}): download or unpack it "
+                        "again") from err
     lang_key = "{http://www.w3.org/XML/1998/namespace}lang"
     segments = {}
-    for unit in ET.fromstring(raw).iter("tu"):
+    for unit in root.iter("tu"):
         for variant in unit.iter("tuv"):
-            if variant.get(lang_key, variant.get("lang")) == lang:
-                segments[unit.get("tuid")] = " ".join("".join(variant.find("seg").itertext()).split())
+            seg = variant.find("seg")
+            if variant.get(lang_key, variant.get("lang")) == lang and seg is not None and unit.get("tuid"):
+                segments[unit.get("tuid")] = " ".join("".join(seg.itertext()).split())
     return segments
 
 
@@ -240,7 +249,11 @@ def check_prompt_template(template: str) -> None:
     """A template must place the source ({src}) and may name the languages ({src_name}, {tgt_name})."""
     import string
 
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:  # an unmatched brace
+        raise LadmError(f"prompt.template {template!r} is not a format string ({err}): write a literal brace as {{{{ or }}}}, "
+                        "the fields as {src}, {src_name}, {tgt_name}") from err
     unknown = fields - {"src", "src_name", "tgt_name"}
     if unknown or "src" not in fields:
         raise LadmError(f"prompt.template must contain {{src}} and may use {{src_name}} and {{tgt_name}}, got "

@@ -12,9 +12,11 @@ from __future__ import annotations
 import sys
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 
-from ladm import CONFIG_DIR
+from ladm import CONFIG_DIR, LadmError
 from ladm.metrics import asset_folders, comet_checkpoint, fetch_missing, metric_problems, online, spm_model_path
+from ladm.schema import validate_eval
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,8 +29,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ladm-fetch-metrics: error: {bad[0]!r} is not an eval.<key>=<value> override "
               "(e.g. eval.comet.model=Unbabel/wmt22-comet-da)", file=sys.stderr)
         sys.exit(2)
-    cfg = OmegaConf.merge({"eval": OmegaConf.load(CONFIG_DIR / "eval" / "default.yaml")},
-                          OmegaConf.from_dotlist(overrides)).eval
+    defaults = OmegaConf.create({"eval": OmegaConf.load(CONFIG_DIR / "eval" / "default.yaml")})
+    OmegaConf.set_struct(defaults, True)
+    try:
+        cfg = OmegaConf.merge(defaults, OmegaConf.from_dotlist(overrides)).eval
+        validate_eval(cfg)
+    except ConfigKeyError as err:
+        print(f"ladm-fetch-metrics: error: {err.full_key} is not an eval key: see conf/eval/default.yaml", file=sys.stderr)
+        sys.exit(2)
+    except LadmError as err:
+        print(f"ladm-fetch-metrics: error: {err}", file=sys.stderr)
+        sys.exit(2)
     problems = metric_problems(cfg)
     if problems and not online():
         print("ladm-fetch-metrics: error: HF_HUB_OFFLINE is set, nothing can be downloaded: unset it on a machine "

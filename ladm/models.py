@@ -143,7 +143,7 @@ def check_model_path(model_cfg: DictConfig) -> None:
     if not folder.is_dir():
         raise LadmError(f"model.path does not exist: {path} (give a local model directory or a hub id)")
     try:
-        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise LadmError(f"model.path {path} has no readable config.json ({type(err).__name__}): "
                         "give a complete model folder (save_pretrained or a hub download)") from err
@@ -151,6 +151,7 @@ def check_model_path(model_cfg: DictConfig) -> None:
         raise LadmError(f"model.path {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
                         "save the tokenizer into the model folder")
     if model_cfg.get("random_init"):
+        check_random_init(model_cfg.random_init, values)
         return
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not weights:
@@ -159,6 +160,40 @@ def check_model_path(model_cfg: DictConfig) -> None:
     for file in weights:
         if file.suffix == ".safetensors":
             safetensors_header(file)
+
+
+# Sizes a random-init config may set: each a positive integer.
+SIZE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "max_position_embeddings", "sliding_window")
+
+
+def check_random_init(random_init: DictConfig, values: dict) -> None:
+    """`model.random_init` = {seed, config}: its config keys must be fields of the model's config class (a typo is
+    refused, not ignored), its sizes positive integers, and the resized config must build (no weights needed)."""
+    unknown = set(random_init) - {"seed", "config"}
+    if unknown:
+        raise LadmError(f"model.random_init has unknown key(s) {', '.join(sorted(unknown))}: it takes seed and config")
+    sizes = OmegaConf.to_container(random_init.config, resolve=True) if random_init.get("config") else {}
+    if not isinstance(sizes, dict):
+        raise LadmError(f"model.random_init.config must be a mapping of config fields, got {sizes!r}")
+    model_type = values.get("model_type")
+    try:
+        default = AutoConfig.for_model(model_type)
+    except (ValueError, KeyError) as err:
+        raise LadmError(f"model.path's config.json has model_type {model_type!r}, which this transformers does not "
+                        "know: upgrade transformers or fix config.json") from err
+    known = set(default.to_dict()) | set(values) | set(getattr(default, "attribute_map", {}))
+    for key, value in sizes.items():
+        if key not in known:
+            raise LadmError(f"model.random_init.config.{key} is not a field of {type(default).__name__}: check the "
+                            "spelling (e.g. hidden_size, num_hidden_layers, intermediate_size)")
+        if key in SIZE_KEYS and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise LadmError(f"model.random_init.config.{key} must be a positive integer, got {value!r}")
+    try:
+        AutoConfig.for_model(model_type, **{k: v for k, v in (values | sizes).items() if k != "model_type"})
+    except Exception as err:  # noqa: BLE001 - transformers' strict config validation raises its own error types
+        reason = [line.strip() for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
+        raise LadmError(f"model.random_init.config does not give a valid {type(default).__name__}: {reason[0]}") from err
 
 
 def safetensors_header(file: Path) -> dict:

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from transformers import SchedulerType
 
 from ladm import CONFIG_DIR, REPO_ROOT, LadmError
+from ladm.data import check_prompt_template
 
 AUTO = "auto"
 
@@ -190,15 +191,26 @@ def _value(cfg: DictConfig, key: str) -> Any:
         raise LadmError(f"{key} cannot be resolved ({reason}): set it on the command line, e.g. {key}=...") from err
 
 
+def check_rules(cfg: DictConfig, rules: dict[str, Rule]) -> None:
+    """Each key of `rules` in `cfg` against its rule: the first violation is one line."""
+    for key, rule in rules.items():
+        value = _value(cfg, key)
+        if not rule.ok(value):
+            raise LadmError(_message(key, rule, value))
+
+
+def validate_eval(eval_cfg: DictConfig) -> None:
+    """The `eval.*` keys alone (what `ladm-fetch-metrics` reads), by the same rules as a whole tree."""
+    check_rules(OmegaConf.create({"eval": eval_cfg}), {k: r for k, r in COMMON.items() if k.startswith("eval.")})
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every key of the schema (and the method's own keys), each data split's paths, one line per problem."""
     method = _value(cfg, "method.name")
     if method not in METHOD:
         raise LadmError(f"method.name must be one of {' | '.join(METHOD)}, got {method!r}")
-    for key, rule in (COMMON | METHOD[method]).items():
-        value = _value(cfg, key)
-        if not rule.ok(value):
-            raise LadmError(_message(key, rule, value))
+    check_rules(cfg, COMMON | METHOD[method])
+    check_prompt_template(_value(cfg, "prompt.template"))
     for split in ("train", "test"):
         for field in DATA_FILES[_value(cfg, f"data.{split}.format")]:
             key = f"data.{split}.{field}"

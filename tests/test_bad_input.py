@@ -133,3 +133,16 @@ def test_a_name_that_is_a_path_is_refused_before_any_folder_is_made(monkeypatch,
     assert exit_info.value.code == 2
     assert "name must be a name without '/'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no outputs/ or multirun/ folder anywhere below
+
+
+@pytest.mark.parametrize("override,message", [
+    ("prompt.template='{src} {'", "prompt.template '{src} {' is not a format string"),
+    ("prompt.template='Translate {source}'", "prompt.template must contain {src}"),
+    ("+model.random_init.config.hidden_sizee=64", "model.random_init.config.hidden_sizee is not a field of LlamaConfig"),
+    ("model.random_init.config.hidden_size=abc", "model.random_init.config.hidden_size must be a positive integer, got 'abc'"),
+    ("model.random_init.config.num_hidden_layers=-1", "model.random_init.config.num_hidden_layers must be a positive integer"),
+    ("model.random_init.config.num_attention_heads=5", "hidden size (64) is not a multiple of the number of attention heads"),
+    ("+model.random_init.sede=1", "model.random_init has unknown key(s) sede"),
+])
+def test_prompt_and_random_init_mistakes_are_one_line_before_loading(monkeypatch, capsys, tmp_path, override, message):
+    assert message in cli_error(monkeypatch, capsys, tmp_path, override)

@@ -2,8 +2,10 @@
 
 import json
 import re
+import zipfile
 
 import pytest
+from omegaconf import OmegaConf
 
 from ladm import LadmError
 from ladm.data import ParallelCorpus, SequenceFormat, collate, read_split, render_prompt, truncate
@@ -163,3 +165,22 @@ def test_debug_fast_preset():
     assert default.logger.name == "wandb" and cfg.logger.name == "none"
     assert cfg.train.max_steps == 2 and cfg.eval.metrics == ["chrf++"]
     assert cfg.name == "debug" and cfg.data.validation_size == 0
+
+
+def zip_one(path, name: str, text: str) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(name, text)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: f.write_bytes(b"PK\x03\x04garbage"), "is not a readable TMX memory (BadZipFile"),
+    (lambda f: zip_one(f, "readme.txt", "x"), "holds no .tmx file"),
+    (lambda f: zip_one(f, "all.en-km.tmx", "<tmx><body><tu tuid='1'"), "(ParseError"),
+])
+def test_a_damaged_translation_memory_is_one_line(tmp_path, damage, message):
+    for lang in ("zh", "km"):
+        damage(tmp_path / f"all.en-{lang}.tmx.zip")
+    split = OmegaConf.create({"format": "tmx", "root": str(tmp_path), "src_lang": "zh", "tgt_lang": "km"})
+    with pytest.raises(LadmError, match=re.escape(message)) as error:
+        read_split(split)
+    assert "\n" not in str(error.value) and "all.en-zh.tmx.zip" in str(error.value)

@@ -257,6 +257,20 @@ def test_fetch_metrics_command(fake_hub, monkeypatch, capsys):
     assert "official FLORES-200 SentencePiece model at" in out and "model.ckpt" in out and "copy" in out
 
 
+@pytest.mark.parametrize("override,message", [
+    ("eval.metrics=[bleu]", "eval.metrics must be a non-empty list of chrf++ | spbleu | comet, got ['bleu']"),
+    ("eval.metricss=[chrf++]", "eval.metricss is not an eval key"),
+    ("eval.comet.batch_size=0", "eval.comet.batch_size must be a positive integer, got 0"),
+])
+def test_fetch_metrics_refuses_what_ladm_train_refuses(capsys, override, message):
+    from ladm.fetch_metrics import main
+
+    with pytest.raises(SystemExit) as bad:
+        main([override])
+    lines = capsys.readouterr().err.splitlines()
+    assert bad.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"ladm-fetch-metrics: error: {message}")
+
+
 def test_a_run_without_unbabel_comet_records_what_was_missing(make_cfg, files_overrides, tmp_path, monkeypatch):
     """COMET not installed (as on a transformers-5 environment): the run scores what it can, results.json says
     why COMET is null and records the package as absent; nothing raises."""
