@@ -138,6 +138,9 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
         train_stats = fit(model, method, examples, tokenizer.pad_token_id, cfg.train, dist, tracker, out_dir,
                           resume=resume, on_eval=evaluate_validation, identity=training_identity(cfg))
         train_stats |= {"n_train": sum(map(len, examples.values())), "max_length": budgets.max_length}
+        if dist.is_main and train_stats["divergence"]:
+            log.warning("%s %s %s: training diverged: %s; lower train.lr (results.json: train.divergence)",
+                        cfg.model.name, cfg.method.name, ",".join(pair_cfgs), train_stats["divergence"])
         if dist.is_main and cfg.train.save_adapter:
             save_adapter(method, model, out_dir / "adapter")  # as soon as it exists: a later failure keeps it
 

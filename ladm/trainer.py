@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +66,34 @@ def learning_rates(base_lr: float, group_base_lrs: list[float], current: list[fl
         rates |= {f"train/lr/{group.get('name', i)}": lr for i, (group, lr) in enumerate(zip(optimizer.param_groups, current,
                                                                                              strict=True))}
     return rates
+
+
+GRAD_SPIKE = 1e3       # a pre-clipping gradient norm this many times the median of the (up to 50) steps before it
+STALLED_STEPS = 3      # this many consecutive steps with a zero gradient: nothing trains any more
+LOSS_RISE = 1.5        # the last quarter's mean loss this many times the first quarter's
+
+
+def divergence(losses: list[float], grad_norms: list[float]) -> str | None:
+    """Why a run's training went wrong, or None: a gradient norm that explodes (GRAD_SPIKE × the median before
+    it), a gradient that stays exactly zero (the weights are dead, e.g. after `train.lr=1e6`), or a loss that
+    rises (the last quarter's mean LOSS_RISE × the first quarter's; runs of 8 steps or more)."""
+    found = []
+    for step in range(2, len(grad_norms)):
+        before = statistics.median(grad_norms[max(0, step - 50):step])
+        if before > 0 and grad_norms[step] > GRAD_SPIKE * before:
+            found.append(f"the gradient norm jumped to {grad_norms[step]:.3g} at step {step + 1} (median {before:.3g} "
+                         "before)")
+            break
+    for step in range(1, len(grad_norms) - STALLED_STEPS + 1):
+        if all(norm == 0 for norm in grad_norms[step:step + STALLED_STEPS]):
+            found.append(f"the gradient is zero from step {step + 1} on (loss {losses[step]:.4g}: the weights stopped "
+                         "learning)")
+            break
+    quarter = len(losses) // 4
+    if len(losses) >= 8 and (first := sum(losses[:quarter]) / quarter) > 0 \
+            and (last := sum(losses[-quarter:]) / quarter) > LOSS_RISE * first:
+        found.append(f"the loss rose from {first:.3g} (first quarter) to {last:.3g} (last quarter)")
+    return "; ".join(found) or None
 
 
 def fit(
@@ -128,7 +157,7 @@ def fit(
     amp = autocast_dtype(train_cfg.precision, device)
 
     trained = trained_parameters(model, optimizer)
-    first_step, losses = 1, []
+    first_step, losses, grad_norms = 1, [], []
     seen = dict.fromkeys(pairs, 0)  # training examples consumed per pair, over every rank
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before the schedule scales them
     if resume is not None:
@@ -145,6 +174,7 @@ def fit(
         scheduler.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"][dist.rank])
         first_step, losses, seen = resume["step"] + 1, resume["losses"], resume["examples_seen"]
+        grad_norms = resume.get("grad_norms", [])
         log.info("resuming from step %d", resume["step"])
 
     def checkpoint(step: int) -> None:
@@ -154,7 +184,7 @@ def fit(
             if not all_finite(weights, optimizer):
                 raise LadmError(f"step {step}: a weight or optimizer state is not finite, so no checkpoint is written "
                                 "(the last one is intact): lower train.lr")
-            save_checkpoint(out_dir, step, {"step": step, "losses": losses, "trainable": weights,
+            save_checkpoint(out_dir, step, {"step": step, "losses": losses, "grad_norms": grad_norms, "trainable": weights,
                                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                             "rng": rng, "wandb_id": tracker.run_id, "identity": identity,
                                             "examples_seen": seen},
@@ -205,6 +235,7 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
 
         losses.append(mean_loss)
+        grad_norms.append(metrics["grad_norm/total"])
         progress.set_postfix(loss=f"{mean_loss:.3f}")
         seconds = time.perf_counter() - step_started
         if dist.is_main and step == min(first_step + 1, total_steps) and step < total_steps:
@@ -233,7 +264,8 @@ def fit(
         step_log.close()
     model.eval()
     return {"steps": total_steps, "steps_per_pair": train_cfg.max_steps, "examples_seen": seen,
-            "losses": losses, "final_loss": losses[-1], "seconds": time.perf_counter() - start}
+            "losses": losses, "final_loss": losses[-1], "divergence": divergence(losses, grad_norms),
+            "seconds": time.perf_counter() - start}
 
 
 def duration(seconds: float) -> str:

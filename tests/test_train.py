@@ -87,6 +87,34 @@ def test_non_finite_loss_stops_with_a_clear_message(make_cfg, files_overrides, t
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.parametrize("losses,norms,expected", [
+    ([3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3], [2.0, 2.5, 2.2, 2.1, 2.4, 1.9, 2.0, 2.2], None),
+    ([3.0, 3.0, 3.1, 3.0], [2.0, 2.2, 4e3, 2.5], "jumped to 4e+03 at step 3 (median 2.1 before)"),
+    ([12.0, 11.8, 11.7, 11.7, 11.7], [2.0, 2.1, 0.5, 0.0, 0.0], None),  # two zero steps: not yet
+    ([12.0, 11.8, 11.7, 11.7, 11.7, 11.7], [2.0, 2.1, 0.5, 0.0, 0.0, 0.0], "zero from step 4 on (loss 11.7"),
+    ([2.0] * 4 + [4.0] * 4, [1.0] * 8, "the loss rose from 2 (first quarter) to 4 (last quarter)"),
+])
+def test_divergence_names_what_went_wrong(losses, norms, expected):
+    from ladm.trainer import divergence
+
+    found = divergence(losses, norms)
+    assert found == expected if expected is None else expected in found
+
+
+def test_a_diverging_run_warns_by_name_and_records_it(make_cfg, files_overrides, tmp_path, caplog):
+    """`train.lr=1e6` (the reported case): the gradient explodes, then the weights die; the run ends with a
+    WARNING naming the model, method and pair, and results.json says why."""
+    cfg = make_cfg("method=lora", "train.lr=1e6", "train.max_steps=6", "train.batch_size=4", "train.warmup_ratio=0",
+                   "train.scheduler=constant", *files_overrides)
+    with caplog.at_level("WARNING", logger="ladm.train"):
+        results = run(cfg, tmp_path)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["train"]["divergence"] == results["train"]["divergence"] and "gradient" in stored["train"]["divergence"]
+    assert any("tiny-llama3 lora zh-lo: training diverged: " in r.getMessage() for r in caplog.records)
+    healthy = run(make_cfg("method=lora", "train.max_steps=6", "train.batch_size=4", *files_overrides), tmp_path / "ok")
+    assert healthy["train"]["divergence"] is None
+
+
 def test_gradient_checkpointing_gives_the_same_training(make_cfg, files_overrides, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
