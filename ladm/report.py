@@ -19,6 +19,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -114,6 +115,11 @@ def load_sweep(sweep_dir: Path, test_set: str | None = None) -> tuple[list[Job],
             missing = [key for key in RESULT_KEYS if key not in results]
             if missing:
                 raise LadmError(f"{path} lacks {', '.join(missing)} (written by another ladm version?): re-run that job")
+            bad = [(pair, metric, value) for pair, scores in results["metrics"].items() for metric, value in scores.items()
+                   if isinstance(value, float) and not math.isfinite(value)]
+            if bad:
+                raise LadmError(f"{path} holds a non-finite {bad[0][1]} ({bad[0][2]}) for {bad[0][0]}: a damaged or "
+                                "hand-edited results file; re-run that job (force=true)")
             if test_set is not None and results["test_set"] != test_set:
                 if test_set not in results.get("test_sets", {}):
                     continue
@@ -121,6 +127,9 @@ def load_sweep(sweep_dir: Path, test_set: str | None = None) -> tuple[list[Job],
             complete.append(Job(path.parent, results, order=(_job_number(path.parent), str(path))))
         elif results.get("status") == "failed":
             failed.append({"job": str(path.parent.relative_to(sweep_dir)), "error": results.get("error", "?")})
+        else:  # a job still running (or killed) or a file of another tool: listed, never dropped silently
+            failed.append({"job": str(path.parent.relative_to(sweep_dir)),
+                           "error": f"not finished (status {results.get('status')!r}): run the sweep again to complete it"})
     if not complete:
         raise LadmError(f"no complete results.json under {sweep_dir}"
                         + (f" tested on {test_set}" if test_set else "") + ": run a sweep there first"
@@ -208,7 +217,11 @@ def read_predictions(job: Job, pair: str, ext: str) -> list[str]:
     path = job.path / "predictions" / job.results["test_set"] / f"{pair}.{ext}"
     if not path.is_file():
         raise LadmError(f"{path} is missing: the significance test needs the saved predictions; re-run that job")
-    return path.read_text(encoding="utf-8").splitlines()
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise LadmError(f"{path} is not readable UTF-8 text ({type(err).__name__}): a damaged prediction file; "
+                        "re-run that job (force=true)") from err
 
 
 def paired_bootstrap(jobs: list[Job], baselines: dict[tuple, str]) -> None:
@@ -467,7 +480,7 @@ def to_markdown(tables: list[Table], failed: list[dict], jobs: list[Job]) -> str
         out += ["", caption(t), ""]
     out += length_lines(jobs)
     if failed:
-        out += ["", "### Failed jobs", ""] + [f"- `{f['job']}`: {f['error']}" for f in failed]
+        out += ["", "### Failed or unfinished jobs", ""] + [f"- `{f['job']}`: {f['error']}" for f in failed]
     return "\n".join(out) + "\n"
 
 
@@ -585,7 +598,11 @@ def report(sweep_dir: Path, out_dir: Path | None = None, wandb_log: bool = True,
     label_rows(jobs)
     tables = build_tables(jobs)
     out_dir = out_dir or sweep_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LadmError(f"--out {out_dir} cannot be a folder ({type(err).__name__}: {err.strerror or err}): give a "
+                        "folder path (it is created)") from err
     markdown = to_markdown(tables, failed, jobs)
     written = {"md": out_dir / "report.md", "csv": out_dir / "report.csv", "tex": out_dir / "report.tex"}
     write_text_atomic(written["md"], markdown)
@@ -615,6 +632,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"ladm-report: error: {args.sweep_dir} is not a folder: give a sweep folder such as multirun/demo",
+              file=sys.stderr)
+        sys.exit(2)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(f"ladm-report: error: --out {args.out} is a file: give a folder for the report (it is created)",
               file=sys.stderr)
         sys.exit(2)
     try:

@@ -221,6 +221,11 @@ def test_report_on_a_real_tiny_sweep(tmp_path, cache_dir, files_overrides):
     (lambda job: (job / "results.json").write_text('{"status": "complete", "metrics": {}}'), "lacks model, method"),
     (lambda job: (job / "predictions" / "flores200-devtest" / "zh-lo.hyp").unlink(), "zh-lo.hyp is missing"),
     (lambda job: (job / "predictions" / "flores200-devtest" / "zh-lo.hyp").write_text("only one line\n"), "has 1 hypotheses"),
+    (lambda job: (job / "predictions" / "flores200-devtest" / "zh-lo.hyp").write_bytes(b"\xff\xfe\x00binary"),
+     "zh-lo.hyp is not readable UTF-8 text (UnicodeDecodeError)"),
+    (lambda job: (job / "results.json").write_text(
+        (job / "results.json").read_text().replace('"chrf++": ', '"chrf++": NaN, "x": ')),
+     "holds a non-finite chrf++ (nan) for zh-lo"),
 ])
 def test_damaged_sweeps_are_one_line(sweep, damage, message):
     from ladm import LadmError
@@ -228,3 +233,21 @@ def test_damaged_sweeps_are_one_line(sweep, damage, message):
     damage(sweep / "ladm-1.0-zh-lo-1")
     with pytest.raises(LadmError, match=re.escape(message)):
         report(sweep, wandb_log=False)
+
+
+def test_unfinished_jobs_are_listed_not_dropped(sweep, capsys):
+    write_json_atomic(sweep / "running" / "results.json", {"status": "running"})
+    markdown = (report(sweep, wandb_log=False)["md"]).read_text()
+    assert "### Failed or unfinished jobs" in markdown and "`running`: not finished (status 'running')" in markdown
+    assert "`broken`: LadmError: out of memory" in markdown
+
+
+def test_out_that_is_a_file_is_one_line_before_reading(sweep, capsys, tmp_path):
+    from ladm.report import main
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep), "--out", str(tmp_path / "a-file"), "--no-wandb"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"ladm-report: error: --out {tmp_path / 'a-file'} is a file: give a "
+                                                    "folder for the report (it is created)"]
