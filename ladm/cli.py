@@ -60,21 +60,33 @@ def check_plugins(overrides: list[str]) -> None:
                                 "(make install has it)")
 
 
-def check_group_choices(overrides: list[str]) -> None:
-    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones (ladm's
-    and those in the user's config folders on the search path); refuse a `name=` that is not a plain folder name
-    before Hydra creates its folder."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    dirs = config_dirs(overrides)
+def group_options(dirs: list[Path] | None) -> dict[str, set[str]]:
+    """Each config group's options (file stems) in `dirs`; empty when the search path cannot be listed."""
     groups: dict[str, set[str]] = {}
     for folder in dirs or []:
         for group in (p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else ():
             groups.setdefault(group.name, set()).update(f.stem for f in group.glob("*.yaml"))
-    candidates = [a for a in overrides if "=" in a and not a.startswith("-")]
+    return groups
+
+
+def _parsed(overrides: list[str]) -> list | None:
+    """Hydra's parse of the `key=value` arguments; None when Hydra should report malformed ones itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     try:
-        parsed = OverridesParser.create().parse_overrides(candidates)
+        return OverridesParser.create().parse_overrides([a for a in overrides if "=" in a and not a.startswith("-")])
     except Exception:  # noqa: BLE001 - let Hydra report malformed overrides itself
+        return None
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Name an unknown config-group option (model=, pair=, method=, ...) in one line, listing valid ones (ladm's
+    and those in the user's config folders on the search path); refuse a `name=` that is not a plain folder name
+    before Hydra creates its folder."""
+    dirs = config_dirs(overrides)
+    groups = group_options(dirs)
+    parsed = _parsed(overrides)
+    if parsed is None:
         return
     for override in parsed:
         if override.key_or_group.lstrip("+") == "name" and not override.is_delete():
@@ -91,6 +103,73 @@ def check_group_choices(overrides: list[str]) -> None:
             if str(value) not in groups[group]:
                 extra = f" (or add {group}/{value}.yaml to a folder given by --config-dir)" if group == "model" else ""
                 raise LadmError(f"unknown {group} '{value}': choose one of {', '.join(sorted(groups[group]))}{extra}")
+
+
+SEARCH_GROUPS = ("hparams_search", "hydra/sweeper")
+
+
+def check_search_space(config_name: str, overrides: list[str]) -> None:
+    """A search (`hparams_search=...`): every parameter of `hydra.sweeper.params` and of the command line checked
+    before Optuna starts, one line naming it: intervals with low < high (> 0 on a log scale), non-empty choices of
+    known presets, values the schema allows; `hydra.sweeper.n_trials` ≥ 1."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    from ladm.schema import rule_for
+
+    parsed = _parsed(overrides)
+    if parsed is None or not any(o.key_or_group.lstrip("+") in SEARCH_GROUPS for o in parsed):
+        return
+    dirs = config_dirs(overrides)
+    given = [d for d in dirs or [] if d != CONFIG_DIR]  # --config-dir folders (or hydra.searchpath's, given already)
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    if given and not any(o.key_or_group.lstrip("+") == "hydra.searchpath" for o in parsed):
+        plain.append(f"hydra.searchpath=[{','.join(f'file://{d.resolve()}' for d in given)}]")  # --config-dir
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=plain, return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - Hydra reports a config that does not compose itself
+        return
+    sweeper = cfg.hydra.sweeper
+    n_trials = sweeper.get("n_trials")
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise LadmError(f"hydra.sweeper.n_trials must be a positive integer, got {n_trials!r}")
+    params = {str(k): str(v) for k, v in (sweeper.get("params") or {}).items()}
+    params |= {o.key_or_group: o.input_line.split("=", 1)[1] for o in parsed if o.is_sweep_override()}
+    groups = group_options(dirs)
+    parser = OverridesParser.create()
+    for key, text in params.items():
+        where = f"hydra.sweeper.params.{key}: {text}"
+        try:
+            sweep = parser.parse_override(f"{key}={text}").value()
+        except Exception as err:  # noqa: BLE001 - Hydra's grammar error, first line
+            raise LadmError(f"{where} is not a search space ({str(err).splitlines()[0]}): use choice(...), "
+                            "interval(low, high) or tag(log, interval(low, high))") from err
+        if isinstance(sweep, IntervalSweep):
+            values = [sweep.start, sweep.end]
+            if not sweep.start < sweep.end:
+                raise LadmError(f"{where} is empty or reversed: give interval(low, high) with low < high")
+            if "log" in sweep.tags and sweep.start <= 0:
+                raise LadmError(f"{where}: a log-scale interval needs low > 0")
+        elif isinstance(sweep, RangeSweep):
+            values = list(parser.parse_override(f"{key}={text}").sweep_iterator())
+            if not values:
+                raise LadmError(f"{where} is empty: give range(start, stop) with start < stop")
+        elif isinstance(sweep, ChoiceSweep):
+            values = list(sweep.list)
+            if not values:
+                raise LadmError(f"{where} is empty: give at least one choice")
+        else:
+            continue
+        if key in groups:
+            unknown = [str(v) for v in values if str(v) not in groups[key]]
+            if unknown:
+                raise LadmError(f"{where}: unknown {key} '{unknown[0]}': choose among {', '.join(sorted(groups[key]))}")
+        elif (rule := rule_for(key)) is not None:
+            bad = [v for v in values if not rule.ok(v)]
+            if bad:
+                raise LadmError(f"{where}: {key} must {rule.allowed()}, and {bad[0]!r} is not")
 
 
 def save_hydra_files(cfg: DictConfig, hydra_cfg: DictConfig, out_dir: Path) -> None:
@@ -178,6 +257,7 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
                 sys.argv[1:] = prepare_argv(sys.argv[1:])
             check_plugins(sys.argv[1:])
             check_group_choices(sys.argv[1:])
+            check_search_space(config_name, sys.argv[1:])
         except LadmError as err:
             _fail(prog, err)
         try:

@@ -191,6 +191,11 @@ def _value(cfg: DictConfig, key: str) -> Any:
         raise LadmError(f"{key} cannot be resolved ({reason}): set it on the command line, e.g. {key}=...") from err
 
 
+def rule_for(key: str) -> Rule | None:
+    """The schema's rule of `key` (a common key, or a method's own key under any method)."""
+    return COMMON.get(key) or next((rules[key] for rules in METHOD.values() if key in rules), None)
+
+
 def check_rules(cfg: DictConfig, rules: dict[str, Rule]) -> None:
     """Each key of `rules` in `cfg` against its rule: the first violation is one line."""
     for key, rule in rules.items():
