@@ -56,6 +56,17 @@ def spm_problem() -> str | None:
     return None
 
 
+def spm_loads(path: Path) -> bool:
+    """Whether SentencePiece can load `path` (a file that is not the official model may still be one)."""
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
 def fetch_spm() -> None:
     """sacrebleu's own download of the `flores200` model (its URL, its cache path); an empty or partial file
     left by a failed download is removed."""
@@ -262,6 +273,9 @@ class Scorer:
             path = spm_model_path()
             scorer.spm_status = ("missing" if not path.is_file() else
                                  "unofficial" if "spbleu" in problems else "official")
+            if scorer.spm_status == "unofficial" and not spm_loads(path):
+                log.warning("%s is not a SentencePiece model either: BLEU is not computed with it (spbleu null)", path)
+                scorer.spm_status = "unreadable"
         if "comet" in eval_cfg.metrics and "comet" not in problems:
             scorer.comet_ckpt = comet_checkpoint(eval_cfg.comet.model)
             scorer.comet_python = comet_python(eval_cfg)

@@ -110,6 +110,18 @@ def test_standin_spm_is_never_labelled_spbleu(sacrebleu_dir):
     assert "tok:flores200" in signatures["bleu_spm_unofficial"]
 
 
+def test_a_garbage_spm_file_with_on_missing_skip_scores_null_without_raising(tmp_path, monkeypatch):
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path))
+    ladm_metrics.spm_model_path().parent.mkdir(parents=True, exist_ok=True)
+    ladm_metrics.spm_model_path().write_bytes(b"not a sentencepiece model")
+    with pytest.raises(LadmError, match="is not the official FLORES-200"):
+        Scorer.preflight(eval_cfg(metrics=["spbleu"]))
+    scores, signatures = Scorer.preflight(eval_cfg(metrics=["chrf++", "spbleu"], on_missing="skip")).score(SRC, HYP, REF)
+    assert scores["spbleu"] is None and "bleu_spm_unofficial" not in scores and set(signatures) == {"chrf++"}
+
+
 def test_official_checksum_is_what_earns_the_spbleu_label(sacrebleu_dir, monkeypatch):
     monkeypatch.setattr(ladm_metrics, "OFFICIAL_SPM_SHA256", ladm_metrics._sha256(sacrebleu_dir))
     scores, _ = Scorer.preflight(eval_cfg(metrics=["spbleu"])).score(SRC, HYP, REF)
