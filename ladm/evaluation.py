@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import platform
+import shutil
 import subprocess
 import time
 import traceback
@@ -94,7 +95,16 @@ def completed_results(out_dir: Path, config_hash: str) -> tuple[dict | None, boo
     `stale` when the folder holds complete results of another config (the job runs again)."""
     path = out_dir / "results.json"
     if path.is_file():
-        results = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            results = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            results = err
+        if not isinstance(results, dict):  # truncated, hand-edited, another tool's: kept aside, the job runs again
+            aside = path.with_name(f"results.damaged-{int(time.time())}.json")
+            shutil.copy2(path, aside)
+            log.warning("%s is not a results file (%s): copied to %s, running the job again", path,
+                        type(results).__name__, aside.name)
+            return None, False
         if results.get("status") == "complete":
             if results.get("config_hash") == config_hash:
                 return results, False

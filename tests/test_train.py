@@ -205,3 +205,13 @@ def test_a_scoring_failure_keeps_the_adapter_and_predictions(make_cfg, files_ove
     lines = {ext: (tmp_path / "predictions" / "files" / f"zh-lo.{ext}").read_text(encoding="utf-8").splitlines()
              for ext in ("src", "hyp", "ref")}
     assert len(lines["src"]) == len(lines["hyp"]) == len(lines["ref"]) == 4
+
+
+@pytest.mark.parametrize("damage", ['{"status": "compl', "[1, 2]"])
+def test_a_damaged_results_file_is_kept_aside_and_the_job_runs_again(make_cfg, files_overrides, tmp_path, damage):
+    cfg = make_cfg("method=zero_shot", "eval.max_new_tokens=4", *files_overrides)
+    first = run(cfg, tmp_path)
+    (tmp_path / "results.json").write_text(damage)
+    again = run(cfg, tmp_path)
+    assert again["status"] == "complete" and again["metrics"] == first["metrics"]
+    assert [p.read_text() for p in tmp_path.glob("results.damaged-*.json")] == [damage]
