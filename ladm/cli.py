@@ -18,6 +18,7 @@ from ladm import CONFIG_DIR, LadmError
 from ladm.checkpoint import FolderInUse, hold_run_folder, release_run_folder
 from ladm.distributed import run_stamp
 from ladm.files import write_json_atomic, write_text_atomic
+from ladm.metrics import validation_mean
 from ladm.schema import is_component
 from ladm.trainer import Preempted
 
@@ -191,12 +192,7 @@ def objective_value(objective: str | None, results: object) -> float | None:
     for a failed job or a missing score (a NaN would make the sweeper abort the whole study)."""
     if objective is None:
         return None
-    metric = objective.split("/", 1)[1]
-    validation = results.get("validation", {}) if isinstance(results, dict) else {}
-    scores = [by_pair.get(metric) for by_pair in validation.values()]
-    if not scores or any(s is None or s != s for s in scores):
-        return None  # not a number: Optuna's sweeper records the trial as failed (without values) and goes on
-    return sum(scores) / len(scores)
+    return validation_mean(objective, results.get("validation") if isinstance(results, dict) else None)
 
 
 def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], object],

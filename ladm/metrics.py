@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import subprocess
 import tempfile
@@ -31,6 +32,16 @@ log = logging.getLogger(__name__)
 OFFICIAL_SPM_SHA256 = "14bb8dfb35c0ffdea7bc01e56cea38b9e3d5efcdcb9c251d6b40538e1aab555a"
 OFFICIAL_SPM_BYTES = 4_852_054
 KNOWN_METRICS = ("chrf++", "spbleu", "comet")
+
+
+def validation_mean(key: str, validation: dict | None) -> float | None:
+    """`key` = `validation/<metric>`: the mean over pairs of that metric in `validation` ({pair: {metric: value}});
+    None when a pair lacks it or it is not a finite number."""
+    metric = key.split("/", 1)[1]
+    scores = [by_pair.get(metric) for by_pair in (validation or {}).values()]
+    if not scores or any(not isinstance(s, (int, float)) or not math.isfinite(s) for s in scores):
+        return None
+    return sum(scores) / len(scores)
 
 
 def spm_model_path() -> Path:

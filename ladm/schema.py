@@ -143,7 +143,9 @@ COMMON: dict[str, Rule] = {
     "train.max_length": Rule("int", low=1, auto=True), "train.length_coverage": Rule("float", low=0, high=1, low_open=True),
     "train.gradient_checkpointing": BOOL, "train.group_by_length": BOOL,
     "train.precision": Rule("str", choices=("auto", "bf16", "fp32")),
-    "train.seed": Rule("int"), "train.log_every": INT_POS, "train.eval_every": INT_NONNEG, "train.save_adapter": BOOL,
+    "train.seed": Rule("int"), "train.log_every": INT_POS, "train.eval_every": INT_NONNEG,
+    "train.select_on": Rule("str", choices=("validation/chrf++", "validation/spbleu"), nullable=True),
+    "train.early_stop_patience": INT_NONNEG, "train.save_adapter": BOOL,
     "train.checkpoint_every": INT_NONNEG, "train.keep_checkpoints": INT_POS,
     "train.resume": Rule("str", choices=("auto", "never")),
 }

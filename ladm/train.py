@@ -72,10 +72,27 @@ def save_adapter(method, model: torch.nn.Module, folder: Path) -> None:
                         "free disk space and run the same command again (training resumes from its last checkpoint, if any)")
 
 
+def check_selection(cfg: DictConfig) -> None:
+    """`train.select_on` and `train.early_stop_patience` need validation scores to choose by."""
+    select_on, patience = cfg.train.select_on, cfg.train.early_stop_patience
+    if patience and not select_on:
+        raise LadmError(f"train.early_stop_patience={patience} needs train.select_on=validation/chrf++ (or spbleu)")
+    if not select_on:
+        return
+    if not cfg.train.eval_every:
+        raise LadmError(f"train.select_on={select_on} needs train.eval_every=N (N > 0): how often to score the "
+                        "validation slice")
+    if not cfg.data.validation_size:
+        raise LadmError(f"train.select_on={select_on} needs a validation slice: data.validation_size > 0")
+    if select_on.split("/", 1)[1] not in cfg.eval.metrics:
+        raise LadmError(f"train.select_on={select_on} needs {select_on.split('/', 1)[1]} in eval.metrics")
+
+
 def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: float, fresh: bool) -> dict:
     """The body of `run`, inside the run folder's lock."""
     # Cheap checks first: model path, method knobs, data files, metric models, the checkpoint to resume.
     check_model_path(cfg.model)
+    check_selection(cfg)
     method = build_method(cfg, dist)
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
     train_corpora, validation_corpora = training_data(cfg, pair_cfgs)
@@ -112,15 +129,18 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     targets = {name: c.pair.tgt.code for name, c in pair_cfgs.items()}
     validation_scores: dict[str, dict] = {}
 
-    def evaluate_validation(step: int) -> None:
-        """`train.eval_every`: the held-out validation slice, never a test set."""
+    def evaluate_validation(step: int) -> dict | None:
+        """`train.eval_every`: the held-out validation slice, never a test set; its scores {pair: {metric: value}}
+        on rank 0 (None elsewhere)."""
         if all(len(c) for c in validation.corpora.values()):
             outputs = evaluator.translate(validation)
             if dist.is_main:
                 scored = score(scorer, validation, outputs, targets, tracker, step)
                 validation_scores.update({name: metrics for name, (metrics, _) in scored.items()})
+                return {name: metrics for name, (metrics, _) in scored.items()}
         else:
             log.warning("no validation sentences (data.validation_size=0 or a tiny corpus): skipping evaluation at step %d", step)
+        return None
 
     train_stats: dict = {}
     truncated_train: dict[str, dict] = {}
@@ -147,7 +167,9 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     final_step = cfg.train.max_steps * len(pair_cfgs)  # the trainer's last optimizer step
     # what generates the test hypotheses: saved ones of any other model are never scored as this one's
     evaluator.generated_by = {"base_model": base, "method": cfg.method.name, "state": method.state_digest(model)}
-    if cfg.objective is not None:
+    if train_stats.get("selection"):  # the validation scores of the weights that are tested
+        validation_scores = train_stats["selection"].pop("validation") or {}
+    elif cfg.objective is not None:
         evaluate_validation(final_step)  # the sweeper's objective, on the final weights
     eval_started = time.perf_counter()
     outputs = {eval_set.name: evaluator.translate(eval_set) for eval_set in test_sets}

@@ -30,6 +30,7 @@ from ladm.distributed import DistEnv
 from ladm.files import write_lines_atomic
 from ladm.losses import answer_loss
 from ladm.methods import Method
+from ladm.metrics import validation_mean
 from ladm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,45 @@ def learning_rates(base_lr: float, group_base_lrs: list[float], current: list[fl
         rates |= {f"train/lr/{group.get('name', i)}": lr for i, (group, lr) in enumerate(zip(optimizer.param_groups, current,
                                                                                              strict=True))}
     return rates
+
+
+class Selection:
+    """`train.select_on`: the best validation score so far, the step and a copy of the trained tensors that gave
+    it, and `train.early_stop_patience` (stop after that many evaluations without a better score; 0: never).
+    Its state travels in every checkpoint, so a resumed run chooses exactly as an uninterrupted one."""
+
+    def __init__(self, select_on: str, patience: int):
+        self.select_on, self.patience = select_on, patience
+        self.step: int | None = None
+        self.score: float | None = None
+        self.validation: dict | None = None  # the chosen step's validation scores, every metric, per pair
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.history: list[list] = []  # [step, score] of every evaluation
+        self.without_gain = 0
+
+    def update(self, step: int, validation: dict | None, trained: dict[str, torch.nn.Parameter]) -> bool:
+        """Record the evaluation at `step` ({pair: {metric: value}}); True when patience has run out."""
+        score = validation_mean(self.select_on, validation)
+        self.history.append([step, score])
+        if score is not None and (self.score is None or score > self.score):
+            self.step, self.score, self.validation, self.without_gain = step, score, validation, 0
+            self.weights = {name: p.detach().cpu().clone() for name, p in trained.items()}
+        else:
+            self.without_gain += 1
+        return 0 < self.patience <= self.without_gain
+
+    def state(self) -> dict:
+        return {"step": self.step, "score": self.score, "validation": self.validation, "weights": self.weights,
+                "history": self.history, "without_gain": self.without_gain}
+
+    def load(self, state: dict) -> None:
+        self.step, self.score, self.validation = state["step"], state["score"], state["validation"]
+        self.weights, self.history, self.without_gain = state["weights"], state["history"], state["without_gain"]
+
+    def summary(self, last_step: int, stopped_early: bool) -> dict:
+        """What results.json records (`train.selection`)."""
+        return {"select_on": self.select_on, "chosen_step": self.step, "score": self.score, "last_step": last_step,
+                "stopped_early": stopped_early, "patience": self.patience, "history": self.history}
 
 
 GRAD_SPIKE = 1e3       # a pre-clipping gradient norm this many times the median of the (up to 50) steps before it
@@ -106,7 +146,7 @@ def fit(
     tracker: Tracker,
     out_dir: Path,
     resume: dict | None = None,
-    on_eval: Callable[[int], None] | None = None,
+    on_eval: Callable[[int], float | None] | None = None,
     identity: dict | None = None,
 ) -> dict:
     """Train `model` for `train.max_steps` optimizer steps per pair; returns losses, budget and timings.
@@ -120,6 +160,9 @@ def fit(
     With `resume` (a checkpoint's state), weights, optimizer, scheduler, RNG and data position are
     restored and training continues exactly where the checkpoint was taken. On SIGTERM or SIGUSR1
     (and SIGUSR2 under submitit) a checkpoint is written at the next step boundary, then `Preempted`.
+    `on_eval(step)` scores the validation slice every `train.eval_every` steps (it returns {pair: {metric:
+    value}}); with `train.select_on` the last step is scored too, the best-scoring weights are
+    restored at the end and `train.early_stop_patience` may end training early (`Selection`).
     """
     set_seed(train_cfg.seed)
     device = dist.device
@@ -158,6 +201,7 @@ def fit(
 
     trained = trained_parameters(model, optimizer)
     first_step, losses, grad_norms = 1, [], []
+    selection = Selection(train_cfg.select_on, train_cfg.early_stop_patience) if train_cfg.select_on else None
     seen = dict.fromkeys(pairs, 0)  # training examples consumed per pair, over every rank
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before the schedule scales them
     if resume is not None:
@@ -175,6 +219,8 @@ def fit(
         set_rng_state(resume["rng"][dist.rank])
         first_step, losses, seen = resume["step"] + 1, resume["losses"], resume["examples_seen"]
         grad_norms = resume.get("grad_norms", [])
+        if selection is not None and resume.get("selection") is not None:
+            selection.load(resume["selection"])
         log.info("resuming from step %d", resume["step"])
 
     def checkpoint(step: int) -> None:
@@ -185,6 +231,7 @@ def fit(
                 raise LadmError(f"step {step}: a weight or optimizer state is not finite, so no checkpoint is written "
                                 "(the last one is intact): lower train.lr")
             save_checkpoint(out_dir, step, {"step": step, "losses": losses, "grad_norms": grad_norms, "trainable": weights,
+                                            "selection": selection.state() if selection is not None else None,
                                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                             "rng": rng, "wandb_id": tracker.run_id, "identity": identity,
                                             "examples_seen": seen},
@@ -250,22 +297,39 @@ def fit(
             window = losses[-(step - (step - 1) // train_cfg.log_every * train_cfg.log_every):]
             tracker.log({"train/loss": sum(window) / len(window), "train/loss_step": mean_loss,
                          **learning_rates(train_cfg.lr, base_lrs, scheduler.get_last_lr(), optimizer), **metrics}, step=step)
-        if on_eval is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < total_steps:
-            on_eval(step)
+        stop_early = False
+        if on_eval is not None and train_cfg.eval_every and (step % train_cfg.eval_every == 0 and step < total_steps
+                                                              or selection is not None and step == total_steps):
+            validation = dist.broadcast(on_eval(step))  # every rank takes the same decision
             model.train()
+            stop_early = selection is not None and selection.update(step, validation, trained) and step < total_steps
         signalled = dist.broadcast(stop.received)  # every rank stops at the same step
         if signalled and step < total_steps:
             checkpoint(step)
             stop.finish(signalled)
         if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step < total_steps:
             checkpoint(step)
+        if stop_early:
+            log.info("early stop at step %d: %s has not improved for %d evaluations (best %.4g at step %d)", step,
+                     train_cfg.select_on, selection.patience, selection.score, selection.step)
+            break
     stop.restore()
+    last_step = step if first_step <= total_steps else total_steps
+    chosen = None
+    if selection is not None:
+        if selection.weights is not None and selection.step != last_step:
+            with torch.no_grad():
+                for name, tensor in selection.weights.items():
+                    trained[name].copy_(tensor)
+        chosen = selection.summary(last_step, last_step < total_steps) | {"validation": selection.validation}
+        log.info("selected the weights of step %s (%s %.4g; last step %d)", selection.step, train_cfg.select_on,
+                 selection.score if selection.score is not None else float("nan"), last_step)
     if step_log is not None:
         step_log.close()
     model.eval()
-    return {"steps": total_steps, "steps_per_pair": train_cfg.max_steps, "examples_seen": seen,
+    return {"steps": last_step, "steps_per_pair": train_cfg.max_steps, "examples_seen": seen,
             "losses": losses, "final_loss": losses[-1], "divergence": divergence(losses, grad_norms),
-            "seconds": time.perf_counter() - start}
+            "selection": chosen, "seconds": time.perf_counter() - start}
 
 
 def duration(seconds: float) -> str:

@@ -143,6 +143,9 @@ def test_a_name_that_is_a_path_is_refused_before_any_folder_is_made(monkeypatch,
     ("model.random_init.config.num_hidden_layers=-1", "model.random_init.config.num_hidden_layers must be a positive integer"),
     ("model.random_init.config.num_attention_heads=5", "hidden size (64) is not a multiple of the number of attention heads"),
     ("+model.random_init.sede=1", "model.random_init has unknown key(s) sede"),
+    ("train.select_on=validation/chrf++", "train.select_on=validation/chrf++ needs train.eval_every=N (N > 0)"),
+    ("train.early_stop_patience=2", "train.early_stop_patience=2 needs train.select_on=validation/chrf++"),
+    ("train.select_on=validation/comet", "train.select_on must be one of validation/chrf++ | validation/spbleu"),
 ])
 def test_prompt_and_random_init_mistakes_are_one_line_before_loading(monkeypatch, capsys, tmp_path, override, message):
     assert message in cli_error(monkeypatch, capsys, tmp_path, override)

@@ -215,3 +215,68 @@ def test_a_damaged_results_file_is_kept_aside_and_the_job_runs_again(make_cfg, f
     again = run(cfg, tmp_path)
     assert again["status"] == "complete" and again["metrics"] == first["metrics"]
     assert [p.read_text() for p in tmp_path.glob("results.damaged-*.json")] == [damage]
+
+
+SELECT = ["method=lora", "train.eval_every=2", "train.select_on=validation/chrf++", "train.scheduler=constant",
+          "train.warmup_ratio=0", "train.batch_size=4", "train.lr=1e-2", "eval.max_new_tokens=4"]
+
+
+def saved_adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
+def scripted_validation(monkeypatch, scores):
+    """The validation score of each evaluation in turn (the selection logic is what is tested, not chrF++)."""
+    import ladm.trainer
+
+    sequence = iter(scores)
+    monkeypatch.setattr(ladm.trainer, "validation_mean", lambda key, validation: next(sequence))
+
+
+def test_select_on_tests_and_saves_the_best_validation_step(make_cfg, files_overrides, tmp_path, monkeypatch):
+    """Scores 1, 3, 2 at steps 2, 4, 6: the weights of step 4 are saved and tested, and they equal those of a
+    run that trained 4 steps only (a constant schedule: the first four steps are the same)."""
+    scripted_validation(monkeypatch, [1.0, 3.0, 2.0])
+    selected = run(make_cfg(*SELECT, "train.max_steps=6", *files_overrides), tmp_path / "selected")
+    chosen = selected["train"]["selection"]
+    assert chosen | {"history": None} == {"select_on": "validation/chrf++", "chosen_step": 4, "score": 3.0,
+                                          "last_step": 6, "stopped_early": False, "patience": 0, "history": None}
+    assert chosen["history"] == [[2, 1.0], [4, 3.0], [6, 2.0]] and selected["train"]["steps"] == 6
+    short = run(make_cfg(*SELECT[:1], *SELECT[3:], "train.max_steps=4", *files_overrides), tmp_path / "short")
+    ours, theirs = saved_adapter(tmp_path / "selected"), saved_adapter(tmp_path / "short")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    hyp = lambda name: (tmp_path / name / "predictions" / "files" / "zh-lo.hyp").read_text(encoding="utf-8")  # noqa: E731
+    assert hyp("selected") == hyp("short") and selected["metrics"] == short["metrics"]
+    assert selected["validation"] == chosen_validation(tmp_path / "selected")
+
+
+def chosen_validation(folder):
+    return json.loads((folder / "results.json").read_text())["validation"]
+
+
+def test_early_stop_after_patience_evaluations_without_gain(make_cfg, files_overrides, tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [1.0, 3.0, 2.0])
+    results = run(make_cfg(*SELECT, "train.max_steps=10", "train.early_stop_patience=1", *files_overrides), tmp_path)
+    chosen = results["train"]["selection"]
+    assert (chosen["chosen_step"], chosen["last_step"], chosen["stopped_early"]) == (4, 6, True)
+    assert results["train"]["steps"] == 6 and results["train"]["examples_seen"] == {"zh-lo": 6 * 4}
+    assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 6
+
+
+def test_selection_resumes_exactly_after_sigterm(make_cfg, files_overrides, tmp_path, monkeypatch):
+    """Stopped by SIGTERM at step 5 (after the evaluations of steps 2 and 4), resumed: the same chosen step,
+    history and saved weights as an uninterrupted run (real chrF++ scores)."""
+    from ladm.trainer import Preempted
+
+    cfg = make_cfg(*SELECT, "train.max_steps=8", "method.dropout=0.1", *files_overrides)
+    whole = run(cfg, tmp_path / "whole")
+    monkeypatch.setenv("LADM_FAULT_SIGNAL_AT_STEP", "5:SIGTERM")
+    with pytest.raises(Preempted):
+        run(cfg, tmp_path / "stopped")
+    monkeypatch.delenv("LADM_FAULT_SIGNAL_AT_STEP")
+    resumed = run(cfg, tmp_path / "stopped")
+    assert resumed["train"]["selection"] == whole["train"]["selection"]
+    ours, theirs = saved_adapter(tmp_path / "whole"), saved_adapter(tmp_path / "stopped")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours) and resumed["metrics"] == whole["metrics"]
