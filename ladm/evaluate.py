@@ -23,10 +23,10 @@ from ladm.evaluation import Evaluator, read_test_sets, record_test_results, run_
 from ladm.files import folder_digest, read_json
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
-from ladm.methods.base import adapter_folders, check_peft_folder, load_peft_adapters
+from ladm.methods.base import adapter_folders, check_peft_folder, load_peft_adapters, translate_test_sets
 from ladm.metrics import Scorer
 from ladm.models import base_identity, check_model_path, context_length, load_model, load_tokenizer
-from ladm.schema import config_hash, validate
+from ladm.schema import config_hash, validate, with_later_keys
 from ladm.tracking import Tracker
 
 log = logging.getLogger("ladm.eval")
@@ -106,7 +106,8 @@ def what_to_evaluate(cfg: DictConfig) -> tuple[DictConfig, dict]:
     if cfg.evaluate.run:
         run_dir = Path(cfg.evaluate.run).expanduser().resolve()
         trained_cfg, results = run_config(run_dir)
-        merged = OmegaConf.merge(trained_cfg, {key: cfg[key] for key in KEPT}, {"eval": changed_eval_settings(cfg.eval)})
+        merged = OmegaConf.merge(with_later_keys(trained_cfg), {key: cfg[key] for key in KEPT},
+                                 {"eval": changed_eval_settings(cfg.eval)})
         evaluated = {"kind": "run", "path": str(run_dir), "run_status": results.get("status", "unknown"),
                      "method_details": results.get("method_details", {})}
         if build_method(merged).trains:
@@ -173,7 +174,7 @@ def evaluate(cfg: DictConfig, evaluated: dict, out_dir: Path, dist: DistEnv, sta
     tracker = Tracker(cfg, out_dir, dist.is_main)
 
     eval_started = time.perf_counter()
-    outputs = {eval_set.name: evaluator.translate(eval_set) for eval_set in test_sets}
+    outputs = translate_test_sets(evaluator, method, model, test_sets, cfg.eval.merge_adapters)
     if not dist.is_main:
         dist.close()
         return {}

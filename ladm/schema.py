@@ -119,7 +119,8 @@ COMMON: dict[str, Rule] = {
     **{f"data.{split}.{k}": rule for split in ("train", "test") for k, rule in SPLIT.items()}, "data.test.name": NAME,
     "eval.max_samples": Rule("int", low=1, nullable=True), "eval.batch_size": Rule("int", low=1, auto=True),
     "eval.max_new_tokens": Rule("int", low=1, auto=True), "eval.length_margin": Rule("float", low=1),
-    "eval.num_beams": INT_POS, "eval.n_samples": INT_NONNEG, "eval.on_missing": Rule("str", choices=("error", "skip")),
+    "eval.num_beams": INT_POS, "eval.merge_adapters": Rule("bool", auto=True),
+    "eval.n_samples": INT_NONNEG, "eval.on_missing": Rule("str", choices=("error", "skip")),
     "eval.metrics": Rule("list", choices=("chrf++", "spbleu", "comet"), nonempty=True),
     "eval.fetch": BOOL, "eval.test_sets": Rule("list", choices=TEST_SETS, nullable=True, nonempty=True),
     "eval.comet.model": STR,
@@ -235,6 +236,20 @@ NOT_IN_RESULTS = ("name", "force", "cache_dir", "logger", "train.resume", "train
                   "eval.comet.device")
 
 
+# Keys added after runs were made, at the value that does what those runs did: left out of the hash there, so
+# a sweep made before them is still complete (and skipped) under today's code.
+HASH_NEUTRAL = {"train.select_on": None, "train.early_stop_patience": 0, "eval.merge_adapters": "auto"}
+
+
+def with_later_keys(cfg: DictConfig) -> DictConfig:
+    """A run folder's config with the HASH_NEUTRAL keys it predates filled in (ladm-eval of an older run)."""
+    filled = cfg.copy()
+    for key, value in HASH_NEUTRAL.items():
+        if OmegaConf.select(filled, key, default="<absent>") == "<absent>":
+            OmegaConf.update(filled, key, value, force_add=True)
+    return filled
+
+
 def _without(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     tree = OmegaConf.to_container(cfg, resolve=True)
     for key in keys:
@@ -255,7 +270,9 @@ def config_hash(cfg: DictConfig, inputs: str | None = None) -> str:
     """A hash of everything in the resolved config that changes a job's results (the checkout's location
     left out), and of `inputs` (ladm-eval: the digest of the evaluated adapter's files), recorded in
     results.json: "skip complete jobs" compares it."""
-    text = json.dumps([_without(cfg, NOT_IN_RESULTS), inputs] if inputs else _without(cfg, NOT_IN_RESULTS),
+    neutral = tuple(key for key, value in HASH_NEUTRAL.items() if OmegaConf.select(cfg, key, default=value) == value)
+    tree = _without(cfg, NOT_IN_RESULTS + neutral)
+    text = json.dumps([tree, inputs] if inputs else tree,
                       sort_keys=True, default=str).replace(str(REPO_ROOT), "<ladm>")
     if cfg.get("cache_dir"):  # a converted model's folder lives there (model=gemma3-270m)
         text = text.replace(str(cfg.cache_dir), "<cache>")

@@ -23,6 +23,7 @@ from ladm.evaluation import EvalSet, Evaluator, read_test_sets, record_test_resu
 from ladm.files import write_folder_atomic
 from ladm.generation import eval_batch_size
 from ladm.methods import build_method
+from ladm.methods.base import translate_test_sets
 from ladm.metrics import Scorer
 from ladm.models import base_identity, check_model_path, context_length, load_model, load_tokenizer
 from ladm.schema import config_hash, training_identity, validate
@@ -172,7 +173,7 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     elif cfg.objective is not None:
         evaluate_validation(final_step)  # the sweeper's objective, on the final weights
     eval_started = time.perf_counter()
-    outputs = {eval_set.name: evaluator.translate(eval_set) for eval_set in test_sets}
+    outputs = translate_test_sets(evaluator, method, model, test_sets, cfg.eval.merge_adapters)
     if not dist.is_main:
         dist.close()
         return {}

@@ -265,3 +265,40 @@ def test_saved_variant_adapters_reload_onto_the_unchanged_base(make_cfg, tmp_pat
     reloaded = load_peft_adapters(load_model(cfg.model, tokenizer), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["lora", "dora", "ladm-forward", "ladm-step"])
+def test_merged_adapters_generate_the_same_hypotheses(make_cfg, delta_r_file, case):
+    """`eval.merge_adapters`: the adapters folded into the weights (PEFT's merge_adapter) give the very hypotheses
+    of the unmerged model, for LoRA, DoRA and LaDM (forward mode's per-layer scaling is merged too), and the
+    weights are back afterwards. The adapters are made large (random B) so that they change the output."""
+    from ladm.data import SequenceFormat
+    from ladm.generation import translate
+
+    overrides = {"lora": ["method=lora"], "dora": ["method=lora", "method.base=dora"],
+                 "ladm-forward": ladm_overrides(delta_r_file, "forward"), "ladm-step": ladm_overrides(delta_r_file)}[case]
+    cfg = make_cfg(*overrides, "method.dropout=0.0")
+    tokenizer = load_tokenizer(cfg.model)
+    method = build_method(cfg)
+    base = load_model(cfg.model, tokenizer)
+    fmt = SequenceFormat.from_cfg(tokenizer, cfg)
+    sources = ["你好，世界。", "今天天气很好。", "我们明天去北京。", "这是一本书。"]
+    prompts = fmt.prompt_ids(sources, cfg.pair)
+    stop_ids = fmt.stop_ids(base.generation_config)
+    generate = lambda m: translate(m, tokenizer, prompts, stop_ids, 4, 12).hypotheses  # noqa: E731
+    without_adapters = generate(base)
+    model = method.prepare_model(base, tokenizer)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    unmerged = generate(model)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with method.merged(model):
+        assert any(m.merged for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A"))
+        merged = generate(model)
+    assert merged == unmerged != without_adapters
+    for name, param in model.named_parameters():
+        if name in weights:
+            torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-5)

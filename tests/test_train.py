@@ -280,3 +280,16 @@ def test_selection_resumes_exactly_after_sigterm(make_cfg, files_overrides, tmp_
     assert resumed["train"]["selection"] == whole["train"]["selection"]
     ours, theirs = saved_adapter(tmp_path / "whole"), saved_adapter(tmp_path / "stopped")
     assert all(torch.equal(ours[k], theirs[k]) for k in ours) and resumed["metrics"] == whole["metrics"]
+
+
+def test_merge_adapters_is_recorded_with_the_predictions(make_cfg, files_overrides, tmp_path):
+    """`eval.merge_adapters=true` on a CPU: the test set is generated merged (recorded beside the hypotheses), with
+    the hypotheses of the same run unmerged, and a later unmerged run does not take the merged ones as its own."""
+    common = ["method=lora", "train.max_steps=2", "train.lr=1e-2", "eval.max_new_tokens=6", *files_overrides]
+    merged = run(make_cfg(*common, "eval.merge_adapters=true"), tmp_path / "merged")
+    plain = run(make_cfg(*common, "eval.merge_adapters=false"), tmp_path / "plain")
+    meta = {name: json.loads((tmp_path / name / "predictions" / "files" / "zh-lo.json").read_text())["generated_by"]
+            for name in ("merged", "plain")}
+    assert meta["merged"].get("merged_adapters") is True and "merged_adapters" not in meta["plain"]
+    hyp = lambda name: (tmp_path / name / "predictions" / "files" / "zh-lo.hyp").read_text(encoding="utf-8")  # noqa: E731
+    assert hyp("merged") == hyp("plain") and merged["metrics"] == plain["metrics"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -10,6 +12,7 @@ from omegaconf import DictConfig
 
 from ladm import LadmError
 from ladm.distributed import DistEnv
+from ladm.evaluation import EvalSet, Evaluator
 from ladm.files import read_json
 from ladm.models import safetensors_header, tensors_digest
 
@@ -133,3 +136,32 @@ class Method:
     def describe(self) -> dict[str, Any]:
         """What the method decided (e.g. per-layer multipliers), for results.json and W&B."""
         return {}
+
+    merges: ClassVar[bool] = False  # one adapter for every pair, which PEFT can fold into the base weights
+
+    @contextmanager
+    def merged(self, model: torch.nn.Module) -> Iterator[None]:
+        """The adapters folded into the base weights while the body runs (PEFT's `merge_adapter`, undone by
+        `unmerge_adapter` after), for methods that `merges`; as they are for the others."""
+        if not self.merges or not hasattr(model, "merge_adapter"):
+            yield
+            return
+        model.merge_adapter()
+        try:
+            yield
+        finally:
+            model.unmerge_adapter()
+
+
+def translate_test_sets(evaluator: Evaluator, method: Method, model: torch.nn.Module, test_sets: list[EvalSet],
+                        merge_setting: bool | str) -> dict[str, dict[str, list[str]]]:
+    """Every test set's hypotheses, with the adapters merged into the weights where `eval.merge_adapters` says
+    so (auto: on a GPU, where generation then runs one matmul per projection) and the method allows it; the
+    predictions record `merged_adapters`."""
+    device = next(model.parameters()).device
+    merge = (device.type == "cuda" if merge_setting == "auto" else bool(merge_setting)) and method.merges \
+        and hasattr(model, "merge_adapter")
+    if merge:
+        evaluator.generated_by["merged_adapters"] = True
+    with method.merged(model) if merge else nullcontext():
+        return {eval_set.name: evaluator.translate(eval_set) for eval_set in test_sets}

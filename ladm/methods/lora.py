@@ -53,6 +53,7 @@ def loraplus_groups(model: torch.nn.Module, lr: float, weight_decay: float, rati
 
 class LoRA(Method):
     name = "lora"
+    merges = True  # LoRA, its variants and LaDM in every mode: the trained adapter is one W + s·BA per module
 
     def peft_model(self, model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
         try:
