@@ -65,3 +65,27 @@ def delta_r_title(report: dict) -> str:
     n = f", {report['n_sentences']} probe sentences" if report.get("n_sentences") else ""
     interval = ", 95% bootstrap intervals" if (report.get("bootstrap") or {}).get("delta_r_low") else ""
     return f"{report.get('model', '')}: ΔR = R̃({first}) − R̃({second}){n}{interval}".lstrip(": ")
+
+
+def draw_delta_r_trajectory(ax, details: dict, title: str) -> None:
+    """Dynamic ΔR (`method.reprobe_every`): one row per measurement (step 0: the base model, then each
+    re-measurement during training), one column per layer, ΔR on a diverging scale centred at 0; the selected
+    TAL layers of each row marked T, the selected LIL layers L."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    rows = [{"step": 0, **{k: details[k] for k in ("delta_r", "selected_tal", "selected_lil")}}, *details["trajectory"]]
+    values = [row["delta_r"] for row in rows]
+    bound = max(abs(v) for row in values for v in row) or 1.0
+    image = ax.imshow(values, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0, -bound, bound))
+    for y, row in enumerate(rows):
+        for side, mark in (("selected_tal", "T"), ("selected_lil", "L")):
+            for layer in row[side]:
+                strong = abs(row["delta_r"][layer]) > 0.6 * bound
+                ax.text(layer, y, mark, ha="center", va="center", fontsize=6, color="white" if strong else "black")
+    ax.set_xticks(range(len(values[0])))
+    ax.set_yticks(range(len(rows)), [str(row["step"]) for row in rows])
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("optimizer step")
+    ax.set_title(title, fontsize=8)
+    ax.figure.colorbar(image, ax=ax, label="ΔR")

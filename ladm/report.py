@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ladm import LadmError
 from ladm.files import read_json, write_text_atomic
-from ladm.plots import delta_r_title, draw_delta_r, pyplot, save_figure
+from ladm.plots import delta_r_title, draw_delta_r, draw_delta_r_trajectory, pyplot, save_figure
 
 METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)",
            "target_script_ratio": "target-script ratio (share of hypothesis letters in the target's script)",
@@ -574,6 +574,23 @@ def plot_delta_r(jobs: list[Job], path: Path) -> bool:
     return True
 
 
+def plot_delta_r_trajectory(jobs: list[Job], path: Path) -> bool:
+    """Dynamic ΔR (`method.reprobe_every`): for each LaDM job that re-measured it, ΔR per layer at every
+    measurement and the selected layers (one panel per job); False when no job did."""
+    dynamic = [job for job in jobs if job.results.get("method_details", {}).get("trajectory")]
+    if not dynamic:
+        return False
+    plt = pyplot()
+    n_layers = max(len(job.results["method_details"]["delta_r"]) for job in dynamic)
+    fig, axes = plt.subplots(len(dynamic), 1, figsize=(max(6, 0.4 * n_layers), 2.5 * len(dynamic)), squeeze=False)
+    for ax, job in zip(axes[:, 0], dynamic, strict=True):
+        details = job.results["method_details"]
+        draw_delta_r_trajectory(ax, details, f"{job.model} {job.row} {details['pair']} seed {job.seed}: ΔR every "
+                                             f"{details['reprobe_every']} steps")
+    save_figure(fig, path)
+    return True
+
+
 def log_to_wandb(jobs: list[Job], markdown: str, figures: list[Path]) -> None:
     """Log the report into the sweep's W&B group when its runs used W&B."""
     logger = jobs[0].config.get("logger", {})
@@ -613,6 +630,8 @@ def report(sweep_dir: Path, out_dir: Path | None = None, wandb_log: bool = True,
             written[f"strength_{table.metric}"] = out_dir / f"strength_{table.metric}.png"
     if plot_delta_r(jobs, out_dir / "delta_r.png"):
         written["delta_r"] = out_dir / "delta_r.png"
+    if plot_delta_r_trajectory(jobs, out_dir / "delta_r_trajectory.png"):
+        written["delta_r_trajectory"] = out_dir / "delta_r_trajectory.png"
     if wandb_log:
         log_to_wandb(jobs, markdown, [p for k, p in written.items() if p.suffix == ".png"])
     print(markdown)

@@ -164,7 +164,8 @@ METHOD: dict[str, dict[str, Rule]] = {
         "method.select": Rule("str", choices=("topk", "ratio", "all")), "method.k_tal": INT_NONNEG,
         "method.k_lil": INT_NONNEG, "method.ratio_tal": UNIT, "method.ratio_lil": UNIT,
         "method.variant": Rule("str", choices=("signed", "proportional")), "method.m_min": FLOAT_NONNEG,
-        "method.m_max": FLOAT_NONNEG, "method.mode": Rule("str", choices=("step", "grad", "forward"))},
+        "method.m_max": FLOAT_NONNEG, "method.mode": Rule("str", choices=("step", "grad", "forward")),
+        "method.reprobe_every": INT_NONNEG},
     "mlas_lora": {
         "method.pairs": PAIRS, "method.lambda": Rule("float", low=0, high=1, low_open=True),
         "method.phi_norm": Rule("str", choices=("none", "per_pair")), "method.phi_estimate": PHI_ESTIMATE,
@@ -238,7 +239,8 @@ NOT_IN_RESULTS = ("name", "force", "cache_dir", "logger", "train.resume", "train
 
 # Keys added after runs were made, at the value that does what those runs did: left out of the hash there, so
 # a sweep made before them is still complete (and skipped) under today's code.
-HASH_NEUTRAL = {"train.select_on": None, "train.early_stop_patience": 0, "eval.merge_adapters": "auto"}
+HASH_NEUTRAL = {"train.select_on": None, "train.early_stop_patience": 0, "eval.merge_adapters": "auto",
+                "method.reprobe_every": 0}
 
 
 def with_later_keys(cfg: DictConfig) -> DictConfig:

@@ -219,6 +219,7 @@ def fit(
         set_rng_state(resume["rng"][dist.rank])
         first_step, losses, seen = resume["step"] + 1, resume["losses"], resume["examples_seen"]
         grad_norms = resume.get("grad_norms", [])
+        method.load_trainer_state(resume.get("method_state") or {})
         if selection is not None and resume.get("selection") is not None:
             selection.load(resume["selection"])
         log.info("resuming from step %d", resume["step"])
@@ -232,6 +233,7 @@ def fit(
                                 "(the last one is intact): lower train.lr")
             save_checkpoint(out_dir, step, {"step": step, "losses": losses, "grad_norms": grad_norms, "trainable": weights,
                                             "selection": selection.state() if selection is not None else None,
+                                            "method_state": method.trainer_state(),
                                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                             "rng": rng, "wandb_id": tracker.run_id, "identity": identity,
                                             "examples_seen": seen},
@@ -280,6 +282,9 @@ def fit(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        method_metrics = method.on_step(model, step, optimizer, scheduler, last=step == total_steps)
+        if method_metrics:
+            tracker.log(method_metrics, step=step)
 
         losses.append(mean_loss)
         grad_norms.append(metrics["grad_norm/total"])

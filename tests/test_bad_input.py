@@ -149,3 +149,8 @@ def test_a_name_that_is_a_path_is_refused_before_any_folder_is_made(monkeypatch,
 ])
 def test_prompt_and_random_init_mistakes_are_one_line_before_loading(monkeypatch, capsys, tmp_path, override, message):
     assert message in cli_error(monkeypatch, capsys, tmp_path, override)
+
+
+def test_dynamic_delta_r_in_forward_mode_is_refused(monkeypatch, capsys, tmp_path):
+    line = cli_error(monkeypatch, capsys, tmp_path, "method=ladm", "method.mode=forward", "method.reprobe_every=2")
+    assert "method.reprobe_every needs method.mode=step or grad" in line

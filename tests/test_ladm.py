@@ -302,3 +302,82 @@ def test_merged_adapters_generate_the_same_hypotheses(make_cfg, delta_r_file, ca
     for name, param in model.named_parameters():
         if name in weights:
             torch.testing.assert_close(param, weights[name], rtol=0, atol=1e-5)
+
+
+REPROBE = ["method=ladm", "probe.n_sentences=4", "probe.batch_size=4", "probe.bootstrap=0", "train.batch_size=4",
+           "train.lr=5e-2", "train.warmup_ratio=0", "train.scheduler=constant", "method.dropout=0.0",
+           "eval.max_new_tokens=2", "eval.max_samples=1", "method.reprobe_every=2"]
+
+
+def test_dynamic_delta_r_is_measured_on_the_model_being_trained(make_cfg, files_overrides, tmp_path):
+    """`method.reprobe_every=2`: the ΔR recorded at step 2 is the ΔR of the weights after step 2, computed here
+    independently (a 2-step run's adapter merged into the base model, R from its hidden states, sum-normalised,
+    hi − lo), and the multipliers that follow are those of its TAL/LIL selection."""
+    from test_probe import relevance_from_hidden_states
+
+    from ladm.analysis.relevance import probe_examples, reference_pair_cfg, relevance_inputs
+    from ladm.data import SequenceFormat
+
+    results = run(make_cfg(*REPROBE, "train.max_steps=5", *files_overrides), tmp_path / "dynamic")
+    trajectory = results["method_details"]["trajectory"]
+    assert [t["step"] for t in trajectory] == [2, 4] and results["method_details"]["reprobe_every"] == 2
+    short_cfg = make_cfg(*REPROBE[:-1], "train.max_steps=2", *files_overrides)
+    run(short_cfg, tmp_path / "two-steps")
+    tokenizer = load_tokenizer(short_cfg.model)
+    model = PeftModel.from_pretrained(load_model(short_cfg.model, tokenizer), tmp_path / "two-steps" / "adapter")
+    model = model.merge_and_unload().eval()
+    fmt = SequenceFormat.from_cfg(tokenizer, short_cfg)
+    r = {side: relevance_from_hidden_states(model, relevance_inputs(probe_examples(c, c.pair.name, fmt), short_cfg.probe)[0])
+         for side, c in (("hi", reference_pair_cfg(short_cfg)), ("lo", short_cfg))}
+    expected = r["hi"] / r["hi"].sum() - r["lo"] / r["lo"].sum()
+    torch.testing.assert_close(torch.tensor(trajectory[0]["delta_r"], dtype=torch.float64), expected, rtol=1e-4, atol=1e-6)
+    for entry in trajectory:  # strength s0.5: 1.5 on the selected TAL, 0.5 on the selected LIL, 1 elsewhere
+        assert entry["multipliers"] == [1.5 if l in entry["selected_tal"] else 0.5 if l in entry["selected_lil"] else 1.0
+                                        for l in range(4)]
+    from PIL import Image
+
+    from ladm.report import report
+
+    figure = report(tmp_path / "dynamic", wandb_log=False)["delta_r_trajectory"]
+    assert Image.open(figure).size[1] > 100  # one panel: the base model's row and the two re-measurements
+
+
+def test_new_multipliers_set_each_layers_learning_rate_under_the_schedule(make_cfg, delta_r_file):
+    """Step mode after a re-measurement: layer l's learning rate is m_l × the unmodulated one, now and after
+    the schedule moves on (its base rates follow)."""
+    from transformers import get_scheduler
+
+    cfg = make_cfg(*ladm_overrides(delta_r_file))
+    tokenizer = load_tokenizer(cfg.model)
+    method = build_method(cfg)
+    model = method.prepare_model(load_model(cfg.model, tokenizer), tokenizer)
+    optimizer = torch.optim.AdamW(method.param_groups(model, 1e-2, 0.0))
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
+    scheduler.step()
+    new = [0.5, 1.5, 1.0, 2.0]
+    method._modulate(new, optimizer, scheduler)
+    for _ in range(2):
+        factor = 1 - scheduler.last_epoch / 10
+        for group in optimizer.param_groups:
+            expected = 1e-2 * (1.0 if group["layer"] is None else new[group["layer"]]) * factor
+            assert group["lr"] == pytest.approx(expected), group["name"]
+        optimizer.step()
+        scheduler.step()
+
+
+def test_dynamic_delta_r_resumes_exactly(make_cfg, files_overrides, tmp_path, monkeypatch):
+    """SIGTERM at step 3 (after the re-measurement of step 2), resumed: the same trajectory and adapter as an
+    uninterrupted run (the learning rates of step mode come back with the optimizer and scheduler states)."""
+    from ladm.trainer import Preempted
+
+    cfg = make_cfg(*REPROBE, "train.max_steps=6", *files_overrides)
+    whole = run(cfg, tmp_path / "whole")
+    monkeypatch.setenv("LADM_FAULT_SIGNAL_AT_STEP", "3:SIGTERM")
+    with pytest.raises(Preempted):
+        run(cfg, tmp_path / "stopped")
+    monkeypatch.delenv("LADM_FAULT_SIGNAL_AT_STEP")
+    resumed = run(cfg, tmp_path / "stopped")
+    assert resumed["method_details"]["trajectory"] == whole["method_details"]["trajectory"]
+    ours = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

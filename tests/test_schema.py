@@ -79,20 +79,21 @@ def test_reported_cases(make_cfg, overrides, message):
 
 
 def test_keys_added_later_at_their_neutral_value_keep_older_runs_complete(make_cfg):
-    """A run made before train.select_on, train.early_stop_patience and eval.merge_adapters existed has the hash
-    today's code computes for the same settings (so its sweep is still complete), and ladm-eval fills them in."""
+    """A run made before train.select_on, train.early_stop_patience, eval.merge_adapters and method.reprobe_every
+    existed has the hash today's code computes for the same settings (so its sweep is still complete), and
+    ladm-eval fills them in."""
     from omegaconf import OmegaConf
 
     from ladm.schema import HASH_NEUTRAL, config_hash, with_later_keys
 
-    cfg = make_cfg("method=lora")
+    cfg = make_cfg("method=ladm")
     older = OmegaConf.to_container(cfg)
     for key in HASH_NEUTRAL:
         group, leaf = key.split(".")
-        del older[group][leaf]
+        older[group].pop(leaf, None)  # method.reprobe_every: only in ladm
     older = OmegaConf.create(older)
     assert config_hash(older) == config_hash(cfg)
-    assert config_hash(make_cfg("method=lora", "train.early_stop_patience=2")) != config_hash(cfg)
+    assert config_hash(make_cfg("method=ladm", "train.early_stop_patience=2")) != config_hash(cfg)
     filled = with_later_keys(older)
     assert all(OmegaConf.select(filled, key) == value for key, value in HASH_NEUTRAL.items())
     validate(filled)

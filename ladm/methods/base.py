@@ -137,6 +137,18 @@ class Method:
         """What the method decided (e.g. per-layer multipliers), for results.json and W&B."""
         return {}
 
+    def on_step(self, model: torch.nn.Module, step: int, optimizer: torch.optim.Optimizer, scheduler,
+                last: bool) -> dict[str, float]:
+        """Called after optimizer step `step` (its scheduler step taken); what it returns is logged at `step`."""
+        return {}
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What `on_step` changed, for the checkpoint (the optimizer and scheduler are saved by the trainer)."""
+        return {}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        """Restore `trainer_state` when training resumes."""
+
     merges: ClassVar[bool] = False  # one adapter for every pair, which PEFT can fold into the base weights
 
     @contextmanager

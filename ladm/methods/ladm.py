@@ -11,7 +11,16 @@ import torch
 from omegaconf import DictConfig
 
 from ladm import LadmError
-from ladm.analysis.relevance import check_measured, delta_r_report, measure_relevance, reference_pair_cfg
+from ladm.analysis.relevance import (
+    check_measured,
+    delta_r_report,
+    measure_relevance,
+    probe_examples,
+    reference_pair_cfg,
+    relevance_inputs,
+    sentence_relevance,
+)
+from ladm.data import SequenceFormat
 from ladm.distributed import DistEnv
 from ladm.files import read_json
 from ladm.methods.lora import LoRA, lora_config
@@ -105,6 +114,11 @@ class LaDM(LoRA):
         self.selection.check_layer_count(self.n_layers)
         self.given = self._read_delta_r(cfg.method.delta_r_path) if cfg.method.delta_r_path else None
         self.report: dict[str, Any] = {}
+        self.reprobe_every = cfg.method.get("reprobe_every", 0)
+        if self.reprobe_every and cfg.method.mode == "forward":
+            raise LadmError("method.reprobe_every needs method.mode=step or grad (forward mode's multipliers are part "
+                            "of the model's function, not of its training)")
+        self.trajectory: list[dict[str, Any]] = []  # every re-measurement: step, ΔR, selected layers, multipliers
 
     def _read_delta_r(self, path: str) -> dict:
         """A delta_r.json from `ladm-probe`, checked against this model and these pairs."""
@@ -122,7 +136,8 @@ class LaDM(LoRA):
 
     @property
     def multipliers(self) -> list[float]:
-        return self.report["multipliers"]
+        """The m_l in force: the base model's ΔR's, or the last re-measurement's (`method.reprobe_every`)."""
+        return self.trajectory[-1]["multipliers"] if self.trajectory else self.report["multipliers"]
 
     def prepare_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         # Rank 0 probes; every rank then modulates with the very same ΔR.
@@ -137,7 +152,51 @@ class LaDM(LoRA):
         # gradient norm that is clipped stays plain LoRA's, so every layer's update is exactly m_l × LoRA's.
         model = self.peft_model(model, lora_config(self.cfg.method, **overrides))
         self.params_by_layer = self._trainable_by_layer(model)  # fixed from here on; used every step
+        if self.reprobe_every:  # the probe sentences, tokenised once; measured again on the model in training
+            fmt = SequenceFormat.from_cfg(tokenizer, self.cfg)
+            self.probe_inputs = {side: relevance_inputs(probe_examples(c, c.pair.name, fmt), self.cfg.probe)
+                                 for side, c in (("hi", reference_pair_cfg(self.cfg)), ("lo", self.cfg))}
+            self.pad_token_id = tokenizer.pad_token_id
         return model
+
+    def on_step(self, model: torch.nn.Module, step: int, optimizer: torch.optim.Optimizer, scheduler,
+                last: bool) -> dict[str, float]:
+        """`method.reprobe_every=N` (dynamic ΔR): every N steps, R of both pairs is measured on the current model
+        (adapters active, the same probe sentences), ΔR and the TAL/LIL selection recomputed (METHODS.md §1–2),
+        and the multipliers of the steps that follow are the new ones; the trajectory is logged and kept."""
+        if not self.reprobe_every or step % self.reprobe_every or last:
+            return {}
+        rows = self.dist.broadcast({side: sentence_relevance(model, ids, first, self.pad_token_id,
+                                                             self.cfg.probe.batch_size, desc=f"re-probe {side}").tolist()
+                                    for side, (ids, first) in self.probe_inputs.items()} if self.dist.is_main else None)
+        mean = lambda table: torch.tensor(table, dtype=torch.float64).mean(0).tolist()  # noqa: E731
+        again = delta_r_report({"pair": self.cfg.pair.name, "n_sentences": len(rows["lo"]), "R_hi": mean(rows["hi"]),
+                                "R_lo": mean(rows["lo"])}, self.cfg.probe, self.selection)
+        self.trajectory.append({"step": step, **{k: again[k] for k in ("delta_r", "selected_tal", "selected_lil",
+                                                                        "multipliers")}})
+        self._modulate(self.multipliers, optimizer, scheduler)
+        return {**{f"ladm/delta_r/layer{l}": v for l, v in enumerate(again["delta_r"])},
+                **{f"ladm/multiplier/layer{l}": m for l, m in enumerate(again["multipliers"])}}
+
+    def _modulate(self, multipliers: list[float], optimizer: torch.optim.Optimizer, scheduler) -> None:
+        """The new m_l from here on: `step` mode sets each layer group's learning rate (and the schedule's base)
+        to m_l × its unmodulated one; `grad` mode scales the next gradients by them."""
+        if self.cfg.method.mode != "step":
+            return
+        for index, group in enumerate(optimizer.param_groups):
+            layer = group.get("layer")
+            if layer is None:
+                continue
+            unmodulated = group["unmodulated_lr"]
+            group["initial_lr"] = scheduler.base_lrs[index] = unmodulated * multipliers[layer]
+            group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"trajectory": self.trajectory} if self.reprobe_every else {}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        """The trajectory so far (the optimizer and scheduler states carry step mode's learning rates)."""
+        self.trajectory = list(state.get("trajectory", []))
 
     def _trainable_by_layer(self, model: torch.nn.Module) -> dict[int | None, list[torch.nn.Parameter]]:
         groups: dict[int | None, list[torch.nn.Parameter]] = {}
@@ -160,7 +219,7 @@ class LaDM(LoRA):
                 by_layer.setdefault(layer_by_param.get(id(param)), []).append(param)
             for layer, params in sorted(by_layer.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
                 name = ("other" if layer is None else f"layer{layer}") + (f"/group{index}" if len(groups) > 1 else "")
-                split.append(group | {"params": params, "layer": layer, "name": name,
+                split.append(group | {"params": params, "layer": layer, "name": name, "unmodulated_lr": group["lr"],
                                       "lr": group["lr"] * (1.0 if layer is None else self.multipliers[layer])})
         return split
 
@@ -186,5 +245,8 @@ class LaDM(LoRA):
     def describe(self) -> dict[str, Any]:
         keep = ("reference_pair", "pair", "n_sentences", "R_hi", "R_lo", "delta_r", "tal", "lil",
                 "selected_tal", "selected_lil", "multipliers", "bootstrap", "probe")
-        return {k: self.report[k] for k in keep if k in self.report} | {
+        described = {k: self.report[k] for k in keep if k in self.report} | {
             "mode": self.cfg.method.mode, "alpha": self.selection.alpha, "beta": self.selection.beta}
+        if self.reprobe_every:  # `multipliers` are the base model's; the trajectory holds those that followed
+            described |= {"reprobe_every": self.reprobe_every, "trajectory": self.trajectory}
+        return described
