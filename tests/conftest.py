@@ -63,3 +63,26 @@ def files_overrides(repeated_corpus) -> list[str]:
     return ["data=files", f"data.train.src={src}", f"data.train.tgt={tgt}",
             f"data.test.src={src}", f"data.test.tgt={tgt}", "eval.max_samples=4",
             f"probe.reference_data={{format: text, src: {flores / 'zho_Hans.dev'}, tgt: {flores / 'eng_Latn.dev'}}}"]
+
+
+@pytest.fixture
+def whole_and_resumed(tmp_path, monkeypatch):
+    """`(cfg, step) -> (whole, resumed, adapters equal)`: the run uninterrupted in tmp/whole, and stopped by SIGTERM
+    at `step` (a fault-injection knob, not a timing window) then run again in tmp/stopped."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ladm.train import run
+    from ladm.trainer import Preempted
+
+    def compare(cfg, step: int):
+        whole = run(cfg, tmp_path / "whole")
+        monkeypatch.setenv("LADM_FAULT_SIGNAL_AT_STEP", f"{step}:SIGTERM")
+        with pytest.raises(Preempted):
+            run(cfg, tmp_path / "stopped")
+        monkeypatch.delenv("LADM_FAULT_SIGNAL_AT_STEP")
+        resumed = run(cfg, tmp_path / "stopped")
+        ours, theirs = (load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("whole", "stopped"))
+        return whole, resumed, ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    return compare

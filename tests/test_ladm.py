@@ -365,19 +365,8 @@ def test_new_multipliers_set_each_layers_learning_rate_under_the_schedule(make_c
         scheduler.step()
 
 
-def test_dynamic_delta_r_resumes_exactly(make_cfg, files_overrides, tmp_path, monkeypatch):
+def test_dynamic_delta_r_resumes_exactly(make_cfg, files_overrides, whole_and_resumed):
     """SIGTERM at step 3 (after the re-measurement of step 2), resumed: the same trajectory and adapter as an
     uninterrupted run (the learning rates of step mode come back with the optimizer and scheduler states)."""
-    from ladm.trainer import Preempted
-
-    cfg = make_cfg(*REPROBE, "train.max_steps=6", *files_overrides)
-    whole = run(cfg, tmp_path / "whole")
-    monkeypatch.setenv("LADM_FAULT_SIGNAL_AT_STEP", "3:SIGTERM")
-    with pytest.raises(Preempted):
-        run(cfg, tmp_path / "stopped")
-    monkeypatch.delenv("LADM_FAULT_SIGNAL_AT_STEP")
-    resumed = run(cfg, tmp_path / "stopped")
-    assert resumed["method_details"]["trajectory"] == whole["method_details"]["trajectory"]
-    ours = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
-    theirs = load_file(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors")
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    whole, resumed, same_adapters = whole_and_resumed(make_cfg(*REPROBE, "train.max_steps=6", *files_overrides), step=3)
+    assert resumed["method_details"]["trajectory"] == whole["method_details"]["trajectory"] and same_adapters

@@ -265,21 +265,13 @@ def test_early_stop_after_patience_evaluations_without_gain(make_cfg, files_over
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 6
 
 
-def test_selection_resumes_exactly_after_sigterm(make_cfg, files_overrides, tmp_path, monkeypatch):
+def test_selection_resumes_exactly_after_sigterm(make_cfg, files_overrides, whole_and_resumed):
     """Stopped by SIGTERM at step 5 (after the evaluations of steps 2 and 4), resumed: the same chosen step,
     history and saved weights as an uninterrupted run (real chrF++ scores)."""
-    from ladm.trainer import Preempted
-
-    cfg = make_cfg(*SELECT, "train.max_steps=8", "method.dropout=0.1", *files_overrides)
-    whole = run(cfg, tmp_path / "whole")
-    monkeypatch.setenv("LADM_FAULT_SIGNAL_AT_STEP", "5:SIGTERM")
-    with pytest.raises(Preempted):
-        run(cfg, tmp_path / "stopped")
-    monkeypatch.delenv("LADM_FAULT_SIGNAL_AT_STEP")
-    resumed = run(cfg, tmp_path / "stopped")
+    whole, resumed, same_adapters = whole_and_resumed(
+        make_cfg(*SELECT, "train.max_steps=8", "method.dropout=0.1", *files_overrides), step=5)
     assert resumed["train"]["selection"] == whole["train"]["selection"]
-    ours, theirs = saved_adapter(tmp_path / "whole"), saved_adapter(tmp_path / "stopped")
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours) and resumed["metrics"] == whole["metrics"]
+    assert same_adapters and resumed["metrics"] == whole["metrics"]
 
 
 def test_merge_adapters_is_recorded_with_the_predictions(make_cfg, files_overrides, tmp_path):
