@@ -9,7 +9,7 @@ COMET_VENV ?= .venv-comet
 COMET_STAMP := $(COMET_VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-lower lint demo compare train-ddp bench clean
+.PHONY: help install test test-lower lint demo compare train-ddp bench bench-gpu clean
 
 NPROC ?= 2
 ARGS ?=
@@ -77,6 +77,9 @@ bench: $(STAMP) ## every README benchmark figure (ratios in one process), on tin
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_eval.py
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_ladm.py
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_loss.py
+
+bench-gpu: $(STAMP) ## the README's GPU table on this machine's GPU (Llama-3.1-8B shape, random bf16 weights; < 8 min on an H100/H200)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks/bench_gpu.py --out bench_gpu.json
 
 clean: ## remove run outputs (keeps $(VENV))
 	rm -rf multirun outputs wandb
