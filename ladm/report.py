@@ -30,6 +30,7 @@ from pathlib import Path
 from ladm import LadmError
 from ladm.files import read_json, write_text_atomic
 from ladm.plots import delta_r_title, draw_delta_r, draw_delta_r_trajectory, pyplot, save_figure
+from ladm.schema import HASH_NEUTRAL
 
 METRICS = {"spbleu": "spBLEU", "chrf++": "chrF++", "comet": "COMET", "bleu_spm_unofficial": "BLEU (unofficial SPM)",
            "target_script_ratio": "target-script ratio (share of hypothesis letters in the target's script)",
@@ -164,7 +165,8 @@ def label_rows(jobs: list[Job]) -> None:
     """Row label = model (if several) + method + the config keys that vary within that method (a preset by its
     name), seeds excluded; context = model + the keys outside any method's groups that vary over the sweep."""
     several_models = len({job.model for job in jobs}) > 1
-    all_flats = [_flatten(job.config) for job in jobs]
+    # a key added after a job ran counts as its neutral value there (what that job did)
+    all_flats = [HASH_NEUTRAL | _flatten(job.config) for job in jobs]
     outside = sorted({k for flat in all_flats for k in flat if not k.startswith(IGNORED_KEYS + ("method.", "strength.",
                                                                                                "probe.", "model."))})
     context_keys = [k for k in outside if len({str(flat.get(k)) for flat in all_flats}) > 1]

@@ -251,3 +251,14 @@ def test_out_that_is_a_file_is_one_line_before_reading(sweep, capsys, tmp_path):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"ladm-report: error: --out {tmp_path / 'a-file'} is a file: give a "
                                                     "folder for the report (it is created)"]
+
+
+def test_a_key_added_later_at_its_neutral_value_does_not_split_rows(tmp_path):
+    """Jobs run before `eval.merge_adapters` existed and jobs that have it at its default share one row."""
+    fake_job(tmp_path, "old", "lora", "zh-lo", POOR)
+    fake_job(tmp_path, "new", "lora", "zh-lo", POOR2, seed=2)
+    results = json.loads((tmp_path / "new" / "results.json").read_text())
+    results["config"]["eval"] = {"merge_adapters": "auto"}
+    write_json_atomic(tmp_path / "new" / "results.json", results)
+    markdown = report(tmp_path, wandb_log=False)["md"].read_text()
+    assert "| lora |" in markdown and "merge_adapters" not in markdown
