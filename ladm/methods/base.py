@@ -151,11 +151,15 @@ class Method:
 
     merges: ClassVar[bool] = False  # one adapter for every pair, which PEFT can fold into the base weights
 
+    def can_merge(self, model: torch.nn.Module) -> bool:
+        """The method `merges` and the model carries PEFT adapters (a base model evaluated as it is has none)."""
+        return self.merges and hasattr(model, "merge_adapter")
+
     @contextmanager
     def merged(self, model: torch.nn.Module) -> Iterator[None]:
         """The adapters folded into the base weights while the body runs (PEFT's `merge_adapter`, undone by
-        `unmerge_adapter` after), for methods that `merges`; as they are for the others."""
-        if not self.merges or not hasattr(model, "merge_adapter"):
+        `unmerge_adapter` after) where `can_merge`; as they are elsewhere."""
+        if not self.can_merge(model):
             yield
             return
         model.merge_adapter()
@@ -171,8 +175,7 @@ def translate_test_sets(evaluator: Evaluator, method: Method, model: torch.nn.Mo
     so (auto: on a GPU, where generation then runs one matmul per projection) and the method allows it; the
     predictions record `merged_adapters`."""
     device = next(model.parameters()).device
-    merge = (device.type == "cuda" if merge_setting == "auto" else bool(merge_setting)) and method.merges \
-        and hasattr(model, "merge_adapter")
+    merge = (device.type == "cuda" if merge_setting == "auto" else bool(merge_setting)) and method.can_merge(model)
     if merge:
         evaluator.generated_by["merged_adapters"] = True
     with method.merged(model) if merge else nullcontext():
