@@ -52,10 +52,11 @@ def installed_version(name: str) -> str | None:
 
 
 def versions() -> dict[str, object]:
-    """The versions of the packages a result depends on (None: not installed), and the checkout's git commit,
-    for results.json."""
+    """The versions of the packages a result depends on (None: not installed), the checkout's git commit and its
+    folder (`ladm_root`: the report compares the config's paths relative to it), for results.json."""
     return {name: installed_version(name) for name in VERSIONED} | {"python": platform.python_version(),
-                                                                    "ladm_source": source_revision()}
+                                                                    "ladm_source": source_revision(),
+                                                                    "ladm_root": str(REPO_ROOT)}
 
 
 def source_revision() -> dict[str, object] | None:
@@ -162,9 +163,10 @@ class Evaluator:
         return self.generated_by | {"pair": pair, "prompt_ids": prompts, "stop_ids": sorted(self.stop_ids),
                                     "device": next(self.model.parameters()).device.type}
 
-    def saved(self, eval_set: EvalSet, pair: str) -> tuple[list[str], dict] | None:
+    def saved(self, eval_set: EvalSet, pair: str) -> tuple[list[str], dict, dict | None] | None:
         """Hypotheses saved earlier for exactly these sources, references and decoding settings by the same model
-        (`identity`): anything else is generated again."""
+        (`identity`), with their budget share and the ladm source that generated them: anything else is generated
+        again."""
         if not self.generated_by:
             return None
         corpus, identity = eval_set.corpora[pair], self.identity(eval_set, pair)
@@ -178,7 +180,7 @@ class Evaluator:
             if (src, ref, len(hyp), meta.get("decoding")) != (corpus.src, corpus.tgt, len(src), self.decoding(pair)):
                 continue
             if meta.get("generated_by") == identity:
-                return hyp, meta["hit_generation_budget"]
+                return hyp, meta["hit_generation_budget"], meta.get("generated_with")
             log.info("%s %s: the hypotheses in %s came from another model or settings (%s): generating again",
                      eval_set.name, pair, folder, ", ".join(sorted(k for k in identity
                                                                    if (meta.get("generated_by") or {}).get(k) != identity[k])))
@@ -192,7 +194,7 @@ class Evaluator:
             if found is not None:
                 log.info("%s %s: scoring the saved hypotheses (same model, sentences and decoding), not generating again",
                          eval_set.name, pair)
-                outputs[pair], hit_share = found
+                outputs[pair], hit_share, source = found
             else:
                 self.select(pair)
                 shard = translate(self.model, self.tokenizer, prompts[self.dist.rank::self.dist.world_size],
@@ -201,9 +203,9 @@ class Evaluator:
                 hypotheses, hit = [""] * len(prompts), [False] * len(prompts)
                 for rank, part in enumerate(self.dist.gather(shard)):
                     hypotheses[rank::self.dist.world_size], hit[rank::self.dist.world_size] = part.hypotheses, part.hit_budget
-                outputs[pair], hit_share = hypotheses, share(hit)
+                outputs[pair], hit_share, source = hypotheses, share(hit), source_revision()
             if eval_set.is_test and self.dist.is_main:  # right away; saved ones are copied into this folder
-                self.save(eval_set, pair, outputs[pair], hit_share)
+                self.save(eval_set, pair, outputs[pair], hit_share, source)
             if eval_set.is_test:
                 self.hit_budget.setdefault(eval_set.name, {})[pair] = hit_share
                 if hit_share["count"]:
@@ -211,13 +213,16 @@ class Evaluator:
                                 eval_set.name, pair, 100 * hit_share["share"], self.max_new_tokens[pair])
         return outputs
 
-    def save(self, eval_set: EvalSet, pair: str, hypotheses: list[str], hit_share: dict) -> None:
+    def save(self, eval_set: EvalSet, pair: str, hypotheses: list[str], hit_share: dict, source: dict | None) -> None:
+        """The sentences and hypotheses, with what generated them: `generated_by` (the identity compared for
+        reuse) and `generated_with` (the ladm commit, kept from the first generation when hypotheses are reused)."""
         folder = self.out_dir / "predictions" / eval_set.name
         corpus = eval_set.corpora[pair]
         for ext, lines in (("src", corpus.src), ("hyp", hypotheses), ("ref", corpus.tgt)):
             write_lines_atomic(folder / f"{pair}.{ext}", lines)
         write_json_atomic(folder / f"{pair}.json", {"decoding": self.decoding(pair), "hit_generation_budget": hit_share,
-                                                    "generated_by": self.identity(eval_set, pair)})
+                                                    "generated_by": self.identity(eval_set, pair),
+                                                    "generated_with": source})
 
 
 OFF_TARGET_BELOW = 0.5  # a target-script ratio below this is warned about

@@ -93,6 +93,15 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def checkout_relative(flat: dict[str, object], job: Job) -> dict[str, object]:
+    """`flat` with the folder of the ladm checkout that ran `job` written `<ladm>` (as in the job's hash), so the
+    same shipped data read from two checkouts is the same data."""
+    root = (job.results.get("versions") or {}).get("ladm_root")
+    if not root:
+        return flat
+    return {k: v.replace(root, "<ladm>") if isinstance(v, str) else v for k, v in flat.items()}
+
+
 def _job_number(folder: Path) -> float:
     """Hydra's job number (the order the sweep ran its jobs), if the folder has Hydra's record."""
     import yaml
@@ -166,7 +175,7 @@ def label_rows(jobs: list[Job]) -> None:
     name), seeds excluded; context = model + the keys outside any method's groups that vary over the sweep."""
     several_models = len({job.model for job in jobs}) > 1
     # a key added after a job ran counts as its neutral value there (what that job did)
-    all_flats = [HASH_NEUTRAL | _flatten(job.config) for job in jobs]
+    all_flats = [HASH_NEUTRAL | checkout_relative(_flatten(job.config), job) for job in jobs]
     outside = sorted({k for flat in all_flats for k in flat if not k.startswith(IGNORED_KEYS + ("method.", "strength.",
                                                                                                "probe.", "model."))})
     context_keys = [k for k in outside if len({str(flat.get(k)) for flat in all_flats}) > 1]

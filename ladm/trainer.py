@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -29,7 +29,6 @@ from ladm.data import IGNORE_INDEX, Example, collate
 from ladm.distributed import DistEnv
 from ladm.files import write_lines_atomic
 from ladm.losses import answer_loss
-from ladm.methods import Method
 from ladm.metrics import validation_mean
 from ladm.tracking import Tracker
 
@@ -136,9 +135,25 @@ def divergence(losses: list[float], grad_norms: list[float]) -> str | None:
     return "; ".join(found) or None
 
 
+class TrainingHooks(Protocol):
+    """What the training loop asks of a method (`ladm.methods.Method` provides all of it); declared here so
+    the trainer, a foundation module, does not import the method layer above it."""
+
+    find_unused_parameters: bool
+
+    def param_groups(self, model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]: ...
+    def select_adapters(self, model: torch.nn.Module, pair: str) -> None: ...
+    def after_backward(self, model: torch.nn.Module) -> None: ...
+    def grad_norm_groups(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]: ...
+    def on_step(self, model: torch.nn.Module, step: int, optimizer: torch.optim.Optimizer, scheduler,
+                last: bool) -> dict[str, float]: ...
+    def trainer_state(self) -> dict[str, Any]: ...
+    def load_trainer_state(self, state: dict[str, Any]) -> None: ...
+
+
 def fit(
     model: torch.nn.Module,
-    method: Method,
+    method: TrainingHooks,
     examples: dict[str, list[Example]],
     pad_token_id: int,
     train_cfg: DictConfig,

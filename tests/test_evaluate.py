@@ -41,6 +41,10 @@ def hypotheses(folder, test_set, pair):
     return (folder / "predictions" / test_set / f"{pair}.hyp").read_text(encoding="utf-8").splitlines()
 
 
+def prediction_meta(folder, test_set="files", pair="zh-lo") -> dict:
+    return json.loads((folder / "predictions" / test_set / f"{pair}.json").read_text())
+
+
 @pytest.mark.parametrize("method", [["method=lora", "train.lr=1e-2"], MLAS, LANDERMT], ids=["lora", "mlas_lora", "landermt"])
 def test_a_run_folder_reloads_to_its_own_hypotheses(make_cfg, eval_cfg, files_overrides, tmp_path, method):
     """Evaluating a run folder whose predictions are gone regenerates them from adapter/: the same hypotheses
@@ -68,12 +72,20 @@ def test_a_run_folder_reloads_to_its_own_hypotheses(make_cfg, eval_cfg, files_ov
 def test_saved_hypotheses_are_scored_again_without_generating(make_cfg, eval_cfg, files_overrides, tmp_path,
                                                                monkeypatch):
     trained = train(make_cfg("method=zero_shot", "eval.max_new_tokens=6", *files_overrides), tmp_path / "run")
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    generated_with = prediction_meta(tmp_path / "run")["generated_with"]
+    assert generated_with == ({"commit": head.stdout.strip(), "dirty": generated_with["dirty"]}
+                              if head.returncode == 0 else None)
+    # hypotheses scored again keep the commit that generated them, not the one that scored them
+    meta_file = tmp_path / "run" / "predictions" / "files" / "zh-lo.json"
+    meta_file.write_text(json.dumps(prediction_meta(tmp_path / "run") | {"generated_with": {"commit": "abc"}}))
     monkeypatch.setattr(ladm_evaluation, "translate", lambda *a, **k: pytest.fail("generated again"))
     results = evaluate(eval_cfg(f"evaluate.run={tmp_path / 'run'}", "eval.metrics=[chrf++,spbleu]",
                                 "eval.on_missing=skip"), tmp_path / "eval")
     hyps, refs = hypotheses(tmp_path / "run", "files", "zh-lo"), (tmp_path / "run" / "predictions" / "files" /
                                                                  "zh-lo.ref").read_text(encoding="utf-8").splitlines()
     assert hypotheses(tmp_path / "eval", "files", "zh-lo") == hyps
+    assert prediction_meta(tmp_path / "eval")["generated_with"] == {"commit": "abc"}
     assert results["metrics"]["zh-lo"]["chrf++"] == pytest.approx(CHRF(word_order=2).corpus_score(hyps, [refs]).score)
     assert results["metrics"]["zh-lo"]["chrf++"] == pytest.approx(trained["metrics"]["zh-lo"]["chrf++"])
     with pytest.raises(pytest.fail.Exception, match="generated again"):  # other decoding settings: generate

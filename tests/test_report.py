@@ -262,3 +262,19 @@ def test_a_key_added_later_at_its_neutral_value_does_not_split_rows(tmp_path):
     write_json_atomic(tmp_path / "new" / "results.json", results)
     markdown = report(tmp_path, wandb_log=False)["md"].read_text()
     assert "| lora |" in markdown and "merge_adapters" not in markdown
+
+
+def test_the_same_data_read_from_two_checkouts_shares_one_row(tmp_path):
+    """A sweep extended from another clone: the shipped data's paths differ by the checkout folder only."""
+    for seed, (root, hyps) in enumerate((("/tmp/first-clone", POOR), ("/home/me/ladm", POOR2)), 1):
+        fake_job(tmp_path, f"lora-{seed}", "lora", "zh-lo", hyps, seed=seed,
+                 data={"test": {"path": f"{root}/data/flores200/devtest"}})
+        results = json.loads((tmp_path / f"lora-{seed}" / "results.json").read_text())
+        write_json_atomic(tmp_path / f"lora-{seed}" / "results.json", results | {"versions": {"ladm_root": root}})
+    markdown = report(tmp_path, wandb_log=False)["md"].read_text()
+    assert "| lora | %.2f ± %.2f |" % mean_std(chrf(POOR), chrf(POOR2)) in markdown and "data.test" not in markdown
+    # without the checkout recorded, other paths are other data: rows split by them
+    for seed in (1, 2):
+        results = json.loads((tmp_path / f"lora-{seed}" / "results.json").read_text())
+        write_json_atomic(tmp_path / f"lora-{seed}" / "results.json", results | {"versions": {}})
+    assert "data.test.path=/tmp/first-clone/data/flores200/devtest" in report(tmp_path, wandb_log=False)["md"].read_text()
