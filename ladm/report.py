@@ -80,7 +80,9 @@ class Job:
         if not train:
             return None
         seen = set((train.get("examples_seen") or {None: None}).values())
-        return train.get("steps_per_pair"), (seen.pop() if len(seen) == 1 else tuple(sorted(seen, key=str)))
+        steps = train.get("steps_per_pair")  # a mapping when an early stop left the pairs with different counts
+        return (tuple(sorted(set(steps.values()))) if isinstance(steps, dict) else steps,
+                seen.pop() if len(seen) == 1 else tuple(sorted(seen, key=lambda n: (n is None, n or 0))))
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -418,8 +420,12 @@ def _budget_text(budget: tuple) -> str:
     steps, examples = budget
     if "mixed" in budget:
         return "differs between its seeds"
-    return (f"{'?' if steps is None else steps} optimizer steps and "
-            f"{'?' if examples is None else examples} training examples per pair")
+    return f"{_count(steps)} optimizer steps and {_count(examples)} training examples per pair"
+
+
+def _count(value: int | tuple | None) -> str:
+    """A budget count: `?` where unrecorded, `5/6` where the pairs of a run had different counts."""
+    return "?" if value is None else "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def differing_budget(rows: list[Row]) -> set[str]:

@@ -257,9 +257,8 @@ def fit(
         dist.barrier()
 
     model.train()
-    done = first_step - 1  # steps already taken: pair i had ceil((done - i) / n) of them
-    batches = {pair: _batches(*loaders[pair], consumed=-(-(done - i) // len(pairs)) * train_cfg.grad_accum)
-               for i, pair in enumerate(pairs)}
+    taken = steps_taken(first_step - 1, pairs)
+    batches = {pair: _batches(*loaders[pair], consumed=taken[pair] * train_cfg.grad_accum) for pair in pairs}
     start = time.perf_counter()
     progress = tqdm(range(first_step, total_steps + 1), desc="train", disable=not dist.is_main,
                     initial=first_step - 1, total=total_steps)
@@ -347,9 +346,16 @@ def fit(
     if step_log is not None:
         step_log.close()
     model.eval()
-    return {"steps": last_step, "steps_per_pair": train_cfg.max_steps, "examples_seen": seen,
+    per_pair = set(steps_taken(last_step, pairs).values())
+    return {"steps": last_step, "steps_per_pair": per_pair.pop() if len(per_pair) == 1 else steps_taken(last_step, pairs),
+            "examples_seen": seen,
             "losses": losses, "final_loss": losses[-1], "divergence": divergence(losses, grad_norms),
             "selection": chosen, "seconds": time.perf_counter() - start}
+
+
+def steps_taken(steps: int, pairs: list[str]) -> dict[str, int]:
+    """Optimizer steps each pair had after `steps` round-robin steps (pair i has steps i+1, i+1+n, ...)."""
+    return {pair: -(-(steps - i) // len(pairs)) for i, pair in enumerate(pairs)}
 
 
 def duration(seconds: float) -> str:

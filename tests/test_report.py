@@ -166,6 +166,17 @@ def test_rows_trained_on_other_data_get_their_own_baseline(tmp_path):
         assert row.rsplit("|", 2)[1].strip() == f"{chrf(ladm) - chrf(lora):+.2f}"
 
 
+def test_an_early_stopped_multi_pair_run_states_what_each_pair_trained(tmp_path):
+    """MLAS-LoRA stopped early after 5 round-robin steps over two pairs: 3 and 2 steps, as trained."""
+    fake_job(tmp_path, "lora", "lora", "zh-lo", POOR)
+    fake_job(tmp_path, "mlas", "mlas_lora", "zh-lo", GOOD2)
+    results = json.loads((tmp_path / "mlas" / "results.json").read_text())
+    results["train"] |= {"steps": 5, "steps_per_pair": {"zh-lo": 3, "zh-km": 2}, "examples_seen": {"zh-lo": 12, "zh-km": 8}}
+    write_json_atomic(tmp_path / "mlas" / "results.json", results)
+    markdown = report(tmp_path, wandb_log=False)["md"].read_text()
+    assert "mlas_lora 2/3 optimizer steps and 8/12 training examples per pair" in markdown
+
+
 def test_ladm_at_strength_zero_is_the_baseline_without_lora(tmp_path):
     for seed, (zero, one) in enumerate(((POOR, GOOD), (POOR2, GOOD2)), 1):
         fake_job(tmp_path, f"s0-{seed}", "ladm", "zh-lo", zero, strength=0.0, seed=seed)
@@ -272,7 +283,7 @@ def test_the_same_data_read_from_two_checkouts_shares_one_row(tmp_path):
         results = json.loads((tmp_path / f"lora-{seed}" / "results.json").read_text())
         write_json_atomic(tmp_path / f"lora-{seed}" / "results.json", results | {"versions": {"ladm_root": root}})
     markdown = report(tmp_path, wandb_log=False)["md"].read_text()
-    assert "| lora | %.2f ± %.2f |" % mean_std(chrf(POOR), chrf(POOR2)) in markdown and "data.test" not in markdown
+    assert "| lora | {:.2f} ± {:.2f} |".format(*mean_std(chrf(POOR), chrf(POOR2))) in markdown and "data.test" not in markdown
     # without the checkout recorded, other paths are other data: rows split by them
     for seed in (1, 2):
         results = json.loads((tmp_path / f"lora-{seed}" / "results.json").read_text())

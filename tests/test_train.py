@@ -15,6 +15,7 @@ from ladm.data import SequenceFormat, render_prompt
 from ladm.generation import translate
 from ladm.models import load_model, load_tokenizer
 from ladm.train import run
+from ladm.trainer import steps_taken
 
 
 def test_lora_loss_falls_and_adapter_reloads_with_same_generations(make_cfg, files_overrides, tmp_path):
@@ -262,7 +263,15 @@ def test_early_stop_after_patience_evaluations_without_gain(make_cfg, files_over
     chosen = results["train"]["selection"]
     assert (chosen["chosen_step"], chosen["last_step"], chosen["stopped_early"]) == (4, 6, True)
     assert results["train"]["steps"] == 6 and results["train"]["examples_seen"] == {"zh-lo": 6 * 4}
+    assert results["train"]["steps_per_pair"] == 6  # what was trained, not the 10 planned
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("steps", [0, 1, 5, 6, 7])
+def test_steps_taken_per_pair_counts_the_round_robin(steps):
+    pairs = ["zh-lo", "zh-km", "zh-my"]
+    counted = {pair: sum(pairs[(step - 1) % len(pairs)] == pair for step in range(1, steps + 1)) for pair in pairs}
+    assert steps_taken(steps, pairs) == counted
 
 
 def test_selection_resumes_exactly_after_sigterm(make_cfg, files_overrides, whole_and_resumed):
