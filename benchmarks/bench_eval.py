@@ -7,6 +7,7 @@ Same model, same prompts, one process, alternating rounds; prints the ratio.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import time
 
@@ -61,7 +62,7 @@ def main() -> None:
         timings["single"].append(time.perf_counter() - start)
     agree = sum(a == b for a, b in zip(batched, single, strict=True)) / len(prompts)
     best = {k: min(v) for k, v in timings.items()}
-    print(f"model={args.model} sentences={len(prompts)} batch_size={args.batch_size} "
+    print(f"{datetime.date.today()} model={args.model} sentences={len(prompts)} batch_size={args.batch_size} "
           f"max_new_tokens={args.max_new_tokens} threads={torch.get_num_threads()}")
     print(f"batched: {len(prompts) / best['batched']:.1f} sent/s   single: {len(prompts) / best['single']:.1f} sent/s")
     print(f"speed-up (batched / single): {best['single'] / best['batched']:.2f}x   identical outputs: {agree:.0%}")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import statistics
 import time
@@ -118,7 +119,8 @@ def main() -> None:
             probe_times.append(time.perf_counter() - start)
     probe_ratio = statistics.median(probe_times) / statistics.median(forward_times)
 
-    print(f"model={args.model} device={device} steps/round={len(batches)} batch={args.batch_size} rounds={args.rounds}")
+    print(f"{datetime.date.today()} model={args.model} "
+          f"device={device} steps/round={len(batches)} batch={args.batch_size} rounds={args.rounds}")
     print(f"(a) ladm step / lora step time:      {step_ratio:.3f}  (target ≤ 1.02)")
     print(f"(b) probe / no-grad forward time:    {probe_ratio:.3f}  (target ≤ 1.10)")
     print(f"(c) ladm / lora peak memory:         {memory['ladm'] / memory['lora']:.3f}  (target ≤ 1.02; "

@@ -10,6 +10,7 @@ CUDA `max_memory_allocated` during the step minus the memory allocated before it
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -62,7 +63,8 @@ def main() -> None:
                               "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     full, chunked = results["full_logits"], results["chunked"]
-    print(f"model={args.model} batch={full['shape']} ({full['tokens']} tokens, FLORES zh→my) device={full['device']}")
+    print(f"{datetime.date.today()} model={args.model} "
+          f"batch={full['shape']} ({full['tokens']} tokens, FLORES zh→my) device={full['device']}")
     for name, r in results.items():
         print(f"{name:12s} peak step memory {r['peak_bytes'] / 2**20:8.1f} MiB   step {r['seconds']:.2f} s")
     print(f"chunked / full-logits peak memory: {chunked['peak_bytes'] / full['peak_bytes']:.3f}")

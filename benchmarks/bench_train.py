@@ -11,6 +11,7 @@ run in a fresh process (`peak_memory.py`).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -125,7 +126,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--memory-of", runner, "--model", args.model,
                               "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
         memory[runner] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
-    print(f"model={args.model} device={device} FLORES zh→km batch={args.batch_size} steps={args.steps} "
+    print(f"{datetime.date.today()} model={args.model} device={device} FLORES zh→km batch={args.batch_size} steps={args.steps} "
           f"rounds={args.rounds} threads={torch.get_num_threads()}")
     for runner in RUNNERS:
         r = best[runner]

@@ -264,8 +264,14 @@ def _without(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def training_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without its run-only keys: two runs that agree here train identically."""
-    return _without(cfg, RUN_ONLY_KEYS)
+    """The resolved config without its run-only keys: two runs that agree here train identically. With
+    `train.select_on` the validation scores choose the weights, so `train.eval_every` and the `eval.*` settings
+    that change a score stay in."""
+    if not OmegaConf.select(cfg, "train.select_on"):
+        return _without(cfg, RUN_ONLY_KEYS)
+    scoring = ("eval", "train.eval_every")
+    return _without(cfg, tuple(k for k in RUN_ONLY_KEYS if k not in scoring)
+                    + tuple(k for k in NOT_IN_RESULTS if k.startswith("eval.")))
 
 
 def config_hash(cfg: DictConfig, inputs: str | None = None) -> str:

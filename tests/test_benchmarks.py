@@ -1,6 +1,9 @@
-"""The GPU benchmark script runs: its `--shape tiny` on a CPU goes through every measurement of the GPU table."""
+"""The benchmark scripts run: the GPU script's `--shape tiny` on a CPU goes through every measurement of the GPU
+table; the stop-criterion comparison gives identical hypotheses both ways."""
 
 import json
+import re
+import subprocess
 import sys
 
 from ladm import REPO_ROOT
@@ -20,3 +23,13 @@ def test_bench_gpu_runs_every_row_on_the_tiny_shape(tmp_path, monkeypatch):
     generated = [r for r in rows if "merged" in r]
     assert [r["merged"] for r in generated] == [False, True] and all(r["sentences_per_s"] > 0 for r in generated)
     assert generated[0]["identical_hypotheses"] == 1.0
+
+
+def test_bench_stop_builds_the_criterion_once_with_identical_hypotheses():
+    """The newline criterion built once per tokenizer (ladm) and per `generate` call (before): the same hypotheses."""
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_stop.py"), "--model", "tiny-llama3",
+                           "--pair", "zh-km", "--sentences", "12", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "identical hypotheses: 12/12" in done.stdout and "batch 3/3" in done.stdout, done.stdout
+    assert re.search(r"speed-up: [0-9.]+x", done.stdout)

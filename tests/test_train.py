@@ -267,6 +267,24 @@ def test_early_stop_after_patience_evaluations_without_gain(make_cfg, files_over
     assert len((tmp_path / "train_log.jsonl").read_text().splitlines()) == 6
 
 
+def test_a_resume_with_another_selection_schedule_is_refused(make_cfg, files_overrides, tmp_path, monkeypatch):
+    """With train.select_on, eval_every and the eval settings decide which weights are kept: a resume that changes
+    them is refused, naming the key; without select_on eval_every is only when to look, and may change."""
+    from ladm import LadmError
+    from ladm.trainer import Preempted
+
+    monkeypatch.setenv("LADM_FAULT_SIGNAL_AT_STEP", "3:SIGTERM")
+    for folder, selecting in (("select", SELECT), ("plain", SELECT[:1] + SELECT[3:])):
+        with pytest.raises(Preempted):
+            run(make_cfg(*selecting, "train.max_steps=6", *files_overrides), tmp_path / folder)
+    monkeypatch.delenv("LADM_FAULT_SIGNAL_AT_STEP")
+    for changed in ("train.eval_every=3", "eval.max_new_tokens=5"):
+        with pytest.raises(LadmError, match=rf"trained with another config \({changed.split('=')[0]}: "):
+            run(make_cfg(*SELECT, "train.max_steps=6", changed, *files_overrides), tmp_path / "select")
+    assert run(make_cfg(*SELECT[:1], *SELECT[3:], "train.max_steps=6", "train.eval_every=3", *files_overrides),
+               tmp_path / "plain")["status"] == "complete"
+
+
 @pytest.mark.parametrize("steps", [0, 1, 5, 6, 7])
 def test_steps_taken_per_pair_counts_the_round_robin(steps):
     pairs = ["zh-lo", "zh-km", "zh-my"]
