@@ -267,6 +267,33 @@ def test_saved_variant_adapters_reload_onto_the_unchanged_base(make_cfg, tmp_pat
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_the_initial_adapter_of_pissa_is_removed_when_the_process_ends(tmp_path):
+    """PiSSA keeps its initial adapter in a temporary folder for the conversion on save; a sweep of such jobs
+    must not fill the disk with them."""
+    import os
+    import subprocess
+    import sys
+
+    child = """
+from hydra import compose, initialize_config_dir
+from ladm import CONFIG_DIR
+from ladm.methods import build_method
+from ladm.models import load_model, load_tokenizer
+with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+    cfg = compose("config", overrides=["method=lora", "method.base=pissa", "method.r=4", "logger=none"])
+tokenizer = load_tokenizer(cfg.model)
+method = build_method(cfg)
+method.prepare_model(load_model(cfg.model, tokenizer), tokenizer)
+print(method.initial_adapter, method.initial_adapter.is_dir())
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder, existed = done.stdout.split()[-2:]
+    assert folder.startswith(str(tmp_path)) and existed == "True"
+    assert not list(tmp_path.glob("ladm-initial-adapter-*"))
+
+
 @pytest.mark.parametrize("case", ["lora", "dora", "ladm-forward", "ladm-step"])
 def test_merged_adapters_generate_the_same_hypotheses(make_cfg, delta_r_file, case):
     """`eval.merge_adapters`: the adapters folded into the weights (PEFT's merge_adapter) give the very hypotheses

@@ -187,10 +187,29 @@ def test_zero_strength_is_identity():
 
 
 def test_probe_cache_key_ignores_what_does_not_change_r(make_cfg):
-    key = lambda *o: pair_probe_key(cfg := make_cfg("method=ladm", *o), cfg)  # noqa: E731
+    key = lambda *o, weights="w1": pair_probe_key(cfg := make_cfg("method=ladm", *o), cfg, weights)  # noqa: E731
     base = key()
     assert key("strength=s1", "probe.normalisation=zscore", "probe.reference_pair=en-zh") == base
     assert key("probe.n_sentences=10") != base and key("pair=zh-km") != base and key("probe.input=prompt") != base
+    assert key(weights="w2") != base  # other weights at the same path
+
+
+def test_new_weights_at_the_same_path_are_probed_again(make_cfg, tmp_path, monkeypatch):
+    """The relevance cache is keyed on the loaded weights' fingerprint: a model changed in place is measured
+    again, the same weights are not."""
+    import ladm.analysis.relevance as relevance
+
+    calls = []
+    original = relevance.sentence_relevance
+    monkeypatch.setattr(relevance, "sentence_relevance", lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
+    cfg = make_cfg("method=ladm", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path}")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer)
+    first = relevance.measure_relevance(model, tokenizer, cfg)
+    assert relevance.measure_relevance(model, tokenizer, cfg) == first and len(calls) == 2
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)
+    assert relevance.measure_relevance(model, tokenizer, cfg)["R_lo"] != first["R_lo"] and len(calls) == 4
 
 
 def test_the_reference_pair_is_measured_once_for_any_number_of_target_pairs(make_cfg, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ladm import LadmError
 from ladm.data import Example, SequenceFormat, left_pad, pair_config, read_split, training_max_length, truncate
 from ladm.files import finite_numbers, read_json, write_json_atomic
-from ladm.models import decoder_layers
+from ladm.models import decoder_layers, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,13 @@ def reference_pair_cfg(cfg: DictConfig) -> DictConfig:
     return ref_cfg
 
 
-def pair_probe_key(cfg: DictConfig, pair_cfg: DictConfig) -> str:
-    """Identifies one pair's R: model, pair, the probe knobs that change R, the prompt and the pair's data files."""
+def pair_probe_key(cfg: DictConfig, pair_cfg: DictConfig, weights: str) -> str:
+    """Identifies one pair's R: model (its config entry and `weights`, the loaded weights' fingerprint, so new
+    weights at the same path are measured again), pair, the probe knobs that change R, the prompt and the pair's
+    data files."""
     identity = {
         "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "weights": weights,
         "pair": pair_cfg.pair.name,
         "probe": {k: cfg.probe[k] for k in ("split", "n_sentences", "input", "tokens")},
         "sequences": 3,  # how probe inputs are built and stored (3: the trainer's sequences, R per sentence kept)
@@ -170,11 +173,11 @@ def check_measured(measured: Any, source: str, fix: str) -> dict:
 
 
 def cached_pair_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig, pair_cfg: DictConfig,
-                          fmt: SequenceFormat) -> list[list[float]]:
+                          fmt: SequenceFormat, weights: str) -> list[list[float]]:
     """R_l(x) of one pair's probe sentences (one row per sentence), cached under `cache_dir/relevance/` by
     `pair_probe_key`, so the reference pair is measured once for any number of target pairs (a corrupt entry is
     measured again)."""
-    cache = Path(cfg.cache_dir) / "relevance" / f"{pair_probe_key(cfg, pair_cfg)}.json"
+    cache = Path(cfg.cache_dir) / "relevance" / f"{pair_probe_key(cfg, pair_cfg, weights)}.json"
     if cache.is_file():
         try:
             rows = read_json(cache, "the relevance cache", "it is measured again")
@@ -198,8 +201,9 @@ def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dic
     pair's measurement cached on its own."""
     ref_cfg = reference_pair_cfg(cfg)
     fmt = SequenceFormat.from_cfg(tokenizer, cfg)
-    rows_hi = cached_pair_relevance(model, tokenizer, cfg, ref_cfg, fmt)
-    rows_lo = cached_pair_relevance(model, tokenizer, cfg, cfg, fmt)
+    weights = weights_fingerprint(model)
+    rows_hi = cached_pair_relevance(model, tokenizer, cfg, ref_cfg, fmt, weights)
+    rows_lo = cached_pair_relevance(model, tokenizer, cfg, cfg, fmt, weights)
     mean = lambda rows: torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
     return {"model": cfg.model.name, "model_path": cfg.model.path, "n_layers": len(rows_hi[0]),
             "reference_pair": ref_cfg.pair.name, "pair": cfg.pair.name, "n_sentences": len(rows_lo),

@@ -34,7 +34,7 @@ from ladm.data import SequenceFormat
 from ladm.distributed import DistEnv
 from ladm.files import write_atomic, write_json_atomic
 from ladm.methods.base import Method
-from ladm.models import context_length, decoder_layers, num_layers
+from ladm.models import context_length, decoder_layers, num_layers, weights_fingerprint
 
 log = logging.getLogger(__name__)
 PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -134,17 +134,18 @@ class LANDeRMT(Method):
 
     def prepare_model(self, model: nn.Module, tokenizer) -> nn.Module:
         tensors, self.summary = cached_stage(
-            Path(self.cfg.cache_dir) / "landermt" / stage_key(self.identity()),
+            Path(self.cfg.cache_dir) / "landermt" / stage_key(self.identity(weights_fingerprint(model))),
             lambda: analyse(self.cfg, model, tokenizer, self.k_layers), self.dist.is_main, self.dist.barrier)
         model.requires_grad_(False)
         install(model, unit_table(tensors, self.summary["layers"], self.pairs), self.pairs, self.trained_groups(),
                 self.cfg.method.routing == "gate")
         return model
 
-    def identity(self) -> dict[str, Any]:
-        """Everything that changes the layers and units (the analysis cache key)."""
+    def identity(self, weights: str) -> dict[str, Any]:
+        """Everything that changes the layers and units (the analysis cache key), `weights` the base model's
+        fingerprint."""
         keys = ("pairs", "k_layers", "split", "lambda", "general_ratio", "partition", "units", "phi_estimate")
-        return {"model": self.cfg.model, "method": {k: self.cfg.method[k] for k in keys}, "k": self.k_layers,
+        return {"model": self.cfg.model, "weights": weights, "method": {k: self.cfg.method[k] for k in keys}, "k": self.k_layers,
                 **analysis_identity(self.cfg, self.pairs)}
 
     def select_adapters(self, model: nn.Module, pair: str) -> None:

@@ -4,7 +4,9 @@ rate × `method.loraplus_ratio`, grouped by PEFT's create_loraplus_optimizer).""
 
 from __future__ import annotations
 
+import atexit
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ class LoRA(Method):
             raise LadmError(f"method.target_modules does not fit this model: {str(err).splitlines()[0]}") from err
         if self.cfg.method.get("base") in MOVES_BASE_WEIGHTS:  # the initial adapter, for the conversion on save
             self.initial_adapter = Path(tempfile.mkdtemp(prefix="ladm-initial-adapter-"))
+            atexit.register(shutil.rmtree, self.initial_adapter, ignore_errors=True)  # a sweep leaves none behind
             model.save_pretrained(self.initial_adapter)
         return model
 
