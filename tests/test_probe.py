@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import ladm.analysis.relevance as relevance_module
 from ladm.analysis.relevance import (
     LayerRelevance,
     activation_disparity,
@@ -194,40 +195,41 @@ def test_probe_cache_key_ignores_what_does_not_change_r(make_cfg):
     assert key(weights="w2") != base  # other weights at the same path
 
 
-def test_new_weights_at_the_same_path_are_probed_again(make_cfg, tmp_path, monkeypatch):
+@pytest.fixture
+def probe_calls(monkeypatch) -> list[str]:
+    """Each pass of the probe over a pair's sentences, by its progress label ("probe zh-en")."""
+    calls = []
+    original = relevance_module.sentence_relevance
+    monkeypatch.setattr(relevance_module, "sentence_relevance", lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
+    return calls
+
+
+def test_new_weights_at_the_same_path_are_probed_again(make_cfg, tmp_path, probe_calls):
     """The relevance cache is keyed on the loaded weights' fingerprint: a model changed in place is measured
     again, the same weights are not."""
-    import ladm.analysis.relevance as relevance
-
-    calls = []
-    original = relevance.sentence_relevance
-    monkeypatch.setattr(relevance, "sentence_relevance", lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
+    calls = probe_calls
     cfg = make_cfg("method=ladm", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path}")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer)
-    first = relevance.measure_relevance(model, tokenizer, cfg)
-    assert relevance.measure_relevance(model, tokenizer, cfg) == first and len(calls) == 2
+    first = relevance_module.measure_relevance(model, tokenizer, cfg)
+    assert relevance_module.measure_relevance(model, tokenizer, cfg) == first and len(calls) == 2
     with torch.no_grad():
         next(model.parameters()).mul_(0.5)
-    assert relevance.measure_relevance(model, tokenizer, cfg)["R_lo"] != first["R_lo"] and len(calls) == 4
+    assert relevance_module.measure_relevance(model, tokenizer, cfg)["R_lo"] != first["R_lo"] and len(calls) == 4
 
 
-def test_the_reference_pair_is_measured_once_for_any_number_of_target_pairs(make_cfg, tmp_path, monkeypatch):
+def test_the_reference_pair_is_measured_once_for_any_number_of_target_pairs(make_cfg, tmp_path, probe_calls):
     """Three LaDM pairs probe zh-en once (4 measurements, not 6); each R equals a measurement without the cache."""
-    import ladm.analysis.relevance as relevance
-
-    calls = []
-    original = relevance.sentence_relevance
-    monkeypatch.setattr(relevance, "sentence_relevance", lambda *a, **k: calls.append(k["desc"]) or original(*a, **k))
+    calls = probe_calls
     cfg = make_cfg("method=ladm", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path / 'shared'}")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer)
     measured = {}
     for pair in ("zh-lo", "zh-km", "zh-my"):
-        measured[pair] = relevance.measure_relevance(model, tokenizer, make_cfg(
+        measured[pair] = relevance_module.measure_relevance(model, tokenizer, make_cfg(
             "method=ladm", f"pair={pair}", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path / 'shared'}"))
     assert calls == ["probe zh-en", "probe zh-lo", "probe zh-km", "probe zh-my"]
-    alone = relevance.measure_relevance(model, tokenizer, make_cfg(
+    alone = relevance_module.measure_relevance(model, tokenizer, make_cfg(
         "method=ladm", "pair=zh-my", "probe.n_sentences=4", "probe.batch_size=4", f"cache_dir={tmp_path / 'alone'}"))
     assert alone["R_hi"] == measured["zh-lo"]["R_hi"] == measured["zh-my"]["R_hi"] and alone["R_lo"] == measured["zh-my"]["R_lo"]
 
