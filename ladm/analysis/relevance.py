@@ -196,6 +196,11 @@ def cached_pair_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig, pa
     return rows
 
 
+def sentence_mean(rows: list[list[float]]) -> list[float]:
+    """R_l of a pair: the mean over its probe sentences of R_l(x) (METHODS.md §1), in float64."""
+    return torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
+
+
 def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dict:
     """R_hi and R_lo (raw, per layer) on the base model, and R per sentence of each (for the bootstrap); each
     pair's measurement cached on its own."""
@@ -204,10 +209,10 @@ def measure_relevance(model: torch.nn.Module, tokenizer, cfg: DictConfig) -> dic
     weights = weights_fingerprint(model)
     rows_hi = cached_pair_relevance(model, tokenizer, cfg, ref_cfg, fmt, weights)
     rows_lo = cached_pair_relevance(model, tokenizer, cfg, cfg, fmt, weights)
-    mean = lambda rows: torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
     return {"model": cfg.model.name, "model_path": cfg.model.path, "n_layers": len(rows_hi[0]),
             "reference_pair": ref_cfg.pair.name, "pair": cfg.pair.name, "n_sentences": len(rows_lo),
-            "R_hi": mean(rows_hi), "R_lo": mean(rows_lo), "R_hi_per_sentence": rows_hi, "R_lo_per_sentence": rows_lo}
+            "R_hi": sentence_mean(rows_hi), "R_lo": sentence_mean(rows_lo),
+            "R_hi_per_sentence": rows_hi, "R_lo_per_sentence": rows_lo}
 
 
 UNSTABLE_BELOW = 0.5  # a selected layer re-selected in fewer resamples than this share is warned about
@@ -234,7 +239,7 @@ def bootstrap_delta_r(rows_hi: list[list[float]], rows_lo: list[list[float]], pr
     summary: dict[str, Any] = {"resamples": resamples, "seed": seed, "delta_r_se": deltas.std(0).tolist(),
                                "delta_r_low": low.tolist(), "delta_r_high": high.tolist()}
     if selection is not None:
-        full = torch.tensor(rows_hi, dtype=torch.float64).mean(0), torch.tensor(rows_lo, dtype=torch.float64).mean(0)
+        full = (torch.tensor(sentence_mean(rows), dtype=torch.float64) for rows in (rows_hi, rows_lo))
         chosen = selection(activation_disparity(*full, probe_cfg.normalisation, probe_cfg.sign).tolist())
         picks = [selection(delta) for delta in deltas.tolist()]
         summary["recurrence"] = {side: {str(l): sum(l in p[f"selected_{side}"] for p in picks) / resamples

@@ -18,6 +18,7 @@ from ladm.analysis.relevance import (
     probe_examples,
     reference_pair_cfg,
     relevance_inputs,
+    sentence_mean,
     sentence_relevance,
 )
 from ladm.data import SequenceFormat
@@ -169,9 +170,9 @@ class LaDM(LoRA):
         rows = self.dist.broadcast({side: sentence_relevance(model, ids, first, self.pad_token_id,
                                                              self.cfg.probe.batch_size, desc=f"re-probe {side}").tolist()
                                     for side, (ids, first) in self.probe_inputs.items()} if self.dist.is_main else None)
-        mean = lambda table: torch.tensor(table, dtype=torch.float64).mean(0).tolist()  # noqa: E731
-        again = delta_r_report({"pair": self.cfg.pair.name, "n_sentences": len(rows["lo"]), "R_hi": mean(rows["hi"]),
-                                "R_lo": mean(rows["lo"])}, self.cfg.probe, self.selection)
+        again = delta_r_report({"pair": self.cfg.pair.name, "n_sentences": len(rows["lo"]),
+                                "R_hi": sentence_mean(rows["hi"]), "R_lo": sentence_mean(rows["lo"])},
+                               self.cfg.probe, self.selection)
         self.trajectory.append({"step": step, **{k: again[k] for k in ("delta_r", "selected_tal", "selected_lil",
                                                                         "multipliers")}})
         self._modulate(self.multipliers, optimizer, scheduler)
