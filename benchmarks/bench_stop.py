@@ -2,8 +2,9 @@
 `generate` call (what `generate(stop_strings=["\\n"])` does, and ladm did before).
 
 Both run ladm's `translate` on the same batches, alternating batch by batch in one process (so a busy machine
-slows both alike), over a whole FLORES devtest pair; prints sentences/s of each, the ratio and whether the
-hypotheses are identical.
+slows both alike), over a whole FLORES devtest pair; prints the criterion's build time, sentences/s of each,
+the ratio (in total, and the median of the per-batch ratios, which a burst of other load moves little) and
+whether the hypotheses are identical.
     python benchmarks/bench_stop.py [--model gemma3-270m] [--pair zh-th] [--sentences 1012]
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,8 +59,15 @@ def main() -> None:
     print(f"{datetime.date.today()} model={args.model} pair={args.pair} sentences={len(prompts)} "
           f"batch_size={args.batch_size} max_new_tokens={max_new_tokens} threads={torch.get_num_threads()}", flush=True)
 
+    builds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        per_call(tokenizer)
+        builds.append(time.perf_counter() - start)
+    print(f"building the criterion: {statistics.median(builds):.2f} s (median of 3)", flush=True)
+
     cached = ladm.generation.newline_stop
-    seconds = {"once per tokenizer": 0.0, "per generate call": 0.0}
+    seconds = {"once per tokenizer": [], "per generate call": []}
     identical = 0
     for number, batch in enumerate(batches, 1):
         hypotheses = {}
@@ -67,15 +76,19 @@ def main() -> None:
             start = time.perf_counter()
             hypotheses[variant] = translate(model, tokenizer, batch, stop_ids, len(batch), max_new_tokens,
                                             desc=variant).hypotheses
-            seconds[variant] += time.perf_counter() - start
+            seconds[variant].append(time.perf_counter() - start)
         ladm.generation.newline_stop = cached
         identical += sum(a == b for a, b in zip(*hypotheses.values(), strict=True))
-        print(f"batch {number}/{len(batches)}: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), flush=True)
-    rate = {variant: len(prompts) / s for variant, s in seconds.items()}
-    print(f"per generate call: {rate['per generate call']:.3f} sent/s ({seconds['per generate call']:.0f} s)   "
-          f"once per tokenizer: {rate['once per tokenizer']:.3f} sent/s ({seconds['once per tokenizer']:.0f} s)")
-    print(f"speed-up: {rate['once per tokenizer'] / rate['per generate call']:.2f}x   "
-          f"identical hypotheses: {identical}/{len(prompts)}")
+        print(f"batch {number}/{len(batches)}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in seconds.items()), flush=True)
+    total = {variant: sum(times) for variant, times in seconds.items()}
+    rate = {variant: len(prompts) / s for variant, s in total.items()}
+    # the median over batches of the per-batch ratio: a burst of other load on the machine moves it little
+    ratio = statistics.median(a / b for a, b in zip(seconds["per generate call"], seconds["once per tokenizer"],
+                                                    strict=True))
+    print(f"per generate call: {rate['per generate call']:.3f} sent/s ({total['per generate call']:.0f} s)   "
+          f"once per tokenizer: {rate['once per tokenizer']:.3f} sent/s ({total['once per tokenizer']:.0f} s)")
+    print(f"speed-up: {rate['once per tokenizer'] / rate['per generate call']:.2f}x in total, {ratio:.3f}x per batch "
+          f"(median)   identical hypotheses: {identical}/{len(prompts)}")
 
 
 if __name__ == "__main__":
