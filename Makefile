@@ -71,7 +71,7 @@ train-ddp: $(STAMP) ## data-parallel training on this box: make train-ddp NPROC=
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m ladm.train $(ARGS)
 
 BENCH := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) benchmarks
-bench: $(STAMP) ## every README benchmark figure (ratios in one process), on tiny-llama3 and the real gemma3-270m (~2 h on 2 cores)
+bench: $(STAMP) ## every README benchmark figure (ratios in one process), on tiny-llama3 and the real gemma3-270m (~1.5 h on 2 cores)
 	$(BENCH)/bench_train.py
 	$(BENCH)/bench_train.py --model gemma3-270m --steps 4 --rounds 2
 	$(BENCH)/bench_startup.py --model gemma3-270m
@@ -80,7 +80,8 @@ bench: $(STAMP) ## every README benchmark figure (ratios in one process), on tin
 	$(BENCH)/bench_ladm.py
 	$(BENCH)/bench_ladm.py --model gemma3-270m --steps 2 --rounds 3
 	$(BENCH)/bench_loss.py
-	$(BENCH)/bench_stop.py --model tiny-llama3 --pair zh-km
+	$(BENCH)/bench_padding.py
+	$(BENCH)/bench_stop.py --model tiny-llama3 --pair zh-km --max-new-tokens 64
 	$(BENCH)/bench_stop.py --model gemma3-270m --pair zh-th
 
 bench-gpu: $(STAMP) ## the README's GPU table on this machine's GPU (Llama-3.1-8B shape, random bf16 weights; < 8 min on an H100/H200)

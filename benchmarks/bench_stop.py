@@ -5,7 +5,7 @@ Both run ladm's `translate` on the same batches, alternating batch by batch in o
 slows both alike), over a whole FLORES devtest pair; prints the criterion's build time, sentences/s of each,
 the ratio (in total, and the median of the per-batch ratios, which a burst of other load moves little) and
 whether the hypotheses are identical.
-    python benchmarks/bench_stop.py [--model gemma3-270m] [--pair zh-th] [--sentences 1012]
+    python benchmarks/bench_stop.py [--model gemma3-270m] [--pair zh-th] [--sentences 1012] [--max-new-tokens N]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--pair", default="zh-th")
     parser.add_argument("--sentences", type=int, default=1012)
     parser.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: ladm's choice (eval.max_new_tokens=auto)")
     args = parser.parse_args()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", f"pair={args.pair}"])
@@ -52,7 +53,7 @@ def main() -> None:
                                    cfg.eval.length_margin, context_length(cfg.model),
                                    {cfg.pair.name: fmt.encode(train[cfg.pair.name], cfg.pair)},
                                    {cfg.pair.name: prompts})
-    max_new_tokens = budgets.max_new_tokens[cfg.pair.name]
+    max_new_tokens = args.max_new_tokens or budgets.max_new_tokens[cfg.pair.name]
     stop_ids = fmt.stop_ids(model.generation_config)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # translate's own batches
     batches = [[prompts[i] for i in order[s:s + args.batch_size]] for s in range(0, len(order), args.batch_size)]
