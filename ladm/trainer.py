@@ -346,8 +346,9 @@ def fit(
     if step_log is not None:
         step_log.close()
     model.eval()
-    per_pair = set(steps_taken(last_step, pairs).values())
-    return {"steps": last_step, "steps_per_pair": per_pair.pop() if len(per_pair) == 1 else steps_taken(last_step, pairs),
+    trained_per_pair = steps_taken(last_step, pairs)  # fewer than planned after an early stop
+    counts = set(trained_per_pair.values())
+    return {"steps": last_step, "steps_per_pair": counts.pop() if len(counts) == 1 else trained_per_pair,
             "examples_seen": seen,
             "losses": losses, "final_loss": losses[-1], "divergence": divergence(losses, grad_norms),
             "selection": chosen, "seconds": time.perf_counter() - start}
