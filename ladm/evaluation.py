@@ -12,6 +12,7 @@ adapter / LANDeRMT tensor and LoRA scaling) and the method.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -59,9 +60,11 @@ def versions() -> dict[str, object]:
                                                                     "ladm_root": str(REPO_ROOT)}
 
 
+@functools.cache
 def source_revision() -> dict[str, object] | None:
     """The git commit of the checkout ladm runs from and whether it has uncommitted changes to tracked files;
-    None for an installed wheel (its version says what it is)."""
+    None for an installed wheel (its version says what it is). Read once per process: the code that runs is the
+    code imported at its start (results.json and every pair's predictions ask for it)."""
     if not (REPO_ROOT / ".git").exists():
         return None
     try:

@@ -1,5 +1,5 @@
 """The benchmark scripts run: the GPU script's `--shape tiny` on a CPU goes through every measurement of the GPU
-table; the stop-criterion comparison gives identical hypotheses both ways."""
+table; the stop-criterion comparison runs its rows and reports its agreement."""
 
 import json
 import re
@@ -25,8 +25,10 @@ def test_bench_gpu_runs_every_row_on_the_tiny_shape(tmp_path, monkeypatch):
     assert generated[0]["identical_hypotheses"] == 1.0
 
 
-def test_bench_stop_builds_the_criterion_once_with_identical_hypotheses():
-    """The newline criterion built once per tokenizer (ladm) and per `generate` call (before): the same hypotheses."""
+def test_bench_stop_runs_and_reports_both_variants():
+    """A smoke test of the script (its rows, its ratio line, its agreement count). On random weights a newline is
+    rare, so agreement here says little; that the cached criterion stops exactly like `generate(stop_strings=...)`
+    is tested with a forced newline in test_families."""
     done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_stop.py"), "--model", "tiny-llama3",
                            "--pair", "zh-km", "--sentences", "12", "--batch-size", "4"],
                           capture_output=True, text=True, timeout=600)
