@@ -20,12 +20,14 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 from ladm import LadmError
 from ladm.files import read_json, write_text_atomic
@@ -42,6 +44,9 @@ GROUPS_READ = {"ladm": ("strength.", "probe.")}  # top-level groups a method rea
 PRESET_KEYS = ("strength.name", "method.ablation")  # a preset's name stands for the keys it sets
 P_THRESHOLD = 0.05
 N_RESAMPLES = 1000
+POWER = 0.8  # the minimum detectable difference is the true difference detected with this probability
+Z_INTERVAL = NormalDist().inv_cdf(0.975)  # a 95% interval is ± this many standard errors
+Z_DETECT = NormalDist().inv_cdf(1 - P_THRESHOLD / 2) + NormalDist().inv_cdf(POWER)  # 1.96 + 0.84
 RESULT_KEYS = ("model", "method", "pairs", "test_set", "n_test", "metrics", "config")
 
 
@@ -56,6 +61,7 @@ class Job:
     context: tuple = ()  # model and the non-method keys that vary: what a baseline must share
     p_values: dict[tuple[str, str], float] = field(default_factory=dict)
     directions: dict[tuple[str, str], int] = field(default_factory=dict)  # sign of (this job − its baseline)
+    differences: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # resampled (this job − baseline)
 
     @property
     def config(self) -> dict:
@@ -195,7 +201,8 @@ def label_rows(jobs: list[Job]) -> None:
         flats = [all_flats[i] for i in indices]
         unread = tuple(g for g in ("strength.", "probe.") if g not in GROUPS_READ.get(method, ()))
         keys = sorted({k for flat in flats for k in flat if not k.startswith((*IGNORED_KEYS, *unread, "model."))})
-        varying = [k for k in keys if len({str(flat.get(k)) for flat in flats}) > 1]
+        varying = [k for k in keys if len({str(flat.get(k)) for flat in flats}) > 1
+                   and k != "method.teacher.name"]  # the teacher is always named (below)
         for preset in PRESET_KEYS:
             if preset in varying:
                 varying = [k for k in varying if k not in _preset_determined(preset, flats)]
@@ -207,6 +214,8 @@ def label_rows(jobs: list[Job]) -> None:
                 shown = k.removeprefix("method.").removeprefix("strength.")
                 parts.append(str(flat.get(k)) if k in PRESET_KEYS else f"{shown}={flat.get(k)}")
             parts += [f"{k}={flat.get(k)}" for k in data_keys]
+            if teacher := flat.get("method.teacher.name"):
+                parts.append(f"(teacher: {teacher}{' = student' if teacher == job.model else ''})")
             job.row = " ".join(parts)
             job.context = (job.model, *((k, str(flat.get(k))) for k in context_keys))
 
@@ -237,9 +246,48 @@ def read_predictions(job: Job, pair: str, ext: str) -> list[str]:
                         "re-run that job (force=true)") from err
 
 
+def resampled_differences(metric, ours: list[str], theirs: list[str], refs: list[str]) -> list[float]:
+    """The corpus-score differences ours − theirs over the paired bootstrap's resamples, drawn as sacrebleu's
+    paired test draws them (the same sentence indices for both systems, N_RESAMPLES draws seeded by
+    SACREBLEU_SEED), from sacrebleu's own sentence statistics."""
+    import numpy as np
+
+    seed = os.environ.get("SACREBLEU_SEED", "12345")
+    rng = np.random.default_rng(None if seed.lower() == "none" else int(seed))
+    indices = rng.choice(len(ours), size=(N_RESAMPLES, len(ours)), replace=True)
+    scores = []
+    for hyps in (ours, theirs):
+        stats = np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype="float32")
+        scores.append(np.array([metric._compute_score_from_stats(stats[i].sum(0)).score for i in indices]))
+    return (scores[0] - scores[1]).tolist()
+
+
+def interval_se(differences: list[float]) -> float:
+    """The standard error that the 95% percentile interval of resampled differences implies: half its width
+    over z_0.975 (METHODS.md §5, minimum detectable difference)."""
+    import numpy as np
+
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return float(high - low) / (2 * Z_INTERVAL)
+
+
+def minimum_detectable_difference(compared: list[tuple[list[float], list[float]]], n_seeds: int) -> float | None:
+    """METHODS.md §5: MDD = (z_{1−α/2} + z_{power}) · sqrt(B² + V / S). `compared` holds, per compared row, the
+    bootstrap standard errors of its difference to the baseline (one per seed) and the differences themselves
+    (one per seed); B² is the mean squared standard error over every row and seed (test-set sampling, the same
+    sentences for every seed, so more seeds do not shrink it), V the mean over rows of the seed-to-seed variance
+    of the difference (training noise; rows with one seed contribute none), S the seeds per cell."""
+    errors = [se for ses, _ in compared for se in ses]
+    if not errors:
+        return None
+    spreads = [statistics.variance(diffs) for _, diffs in compared if len(diffs) > 1]
+    variance = statistics.fmean(se ** 2 for se in errors) + (statistics.fmean(spreads) / n_seeds if spreads else 0.0)
+    return Z_DETECT * math.sqrt(variance)
+
+
 def paired_bootstrap(jobs: list[Job], baselines: dict[tuple, str]) -> None:
-    """p-values (two-sided) and the direction of the difference of every job against its baseline job of the same
-    context, pair and seed, per resampled metric."""
+    """p-values (two-sided), the direction of the difference and its resampled values, of every job against its
+    baseline job of the same context, pair and seed, per resampled metric."""
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
 
@@ -261,9 +309,11 @@ def paired_bootstrap(jobs: list[Job], baselines: dict[tuple, str]) -> None:
             if not len(ours) == len(theirs) == len(refs):
                 raise LadmError(f"{pair}: {job.path} has {len(ours)} hypotheses, {baseline.path} {len(theirs)} and "
                                 f"{len(refs)} references: the predictions must cover the same test set; re-run the job")
-            for metric in metrics:
+            for metric, scorer in metrics.items():
                 difference = job.value(pair, metric) - (baseline.value(pair, metric) or 0.0)
                 job.directions[(pair, metric)] = (difference > 0) - (difference < 0)
+                job.differences[(pair, metric)] = [0.0] * N_RESAMPLES if ours == theirs else \
+                    resampled_differences(scorer, ours, theirs, refs)
             if ours == theirs:  # sacrebleu's test gives p = 1/(n+1) for identical systems; there is no difference
                 job.p_values |= {(pair, metric): 1.0 for metric in metrics}
                 continue
@@ -303,6 +353,7 @@ class Row:
     p_max: dict[str, float]  # per pair: the largest p-value over seeds (all seeds tested)
     direction: dict[str, int]  # per pair: +1 / −1 when every seed's difference has that sign, else 0
     budget: tuple | None = None  # (steps per pair, examples per pair) of its jobs; None: not trained
+    compared: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # see `_compared`
 
     def mark(self, column: str) -> str:
         """↑ / ↓: significant (p < 0.05 in every seed) in the direction every seed shows."""
@@ -320,6 +371,12 @@ class Table:
     n_test: dict[str, int]
     signature: str | None
 
+    def detectable(self, column: str) -> float | None:
+        """The design's minimum detectable difference in `column`, pooled over the trained rows compared with a
+        baseline (METHODS.md §5)."""
+        compared = [row.compared[column] for row in self.rows if row.budget is not None and column in row.compared]
+        return minimum_detectable_difference(compared, _usual_n(self)) if compared else None
+
 
 def _cells(jobs: list[Job], pairs: list[str], metric: str) -> dict[str, Cell]:
     cells: dict[str, Cell] = {}
@@ -331,6 +388,29 @@ def _cells(jobs: list[Job], pairs: list[str], metric: str) -> dict[str, Cell]:
     if len(seeds) == len(pairs) and seeds and all(s == seeds[0] for s in seeds):
         cells["avg"] = Cell({seed: statistics.fmean(cells[p].by_seed[seed] for p in pairs) for seed in sorted(seeds[0], key=str)})
     return cells
+
+
+def _compared(group: list[Job], own: dict[str, Cell], base: dict[str, Cell], pairs: list[str],
+              metric: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Per column (each pair, and avg): per seed that both rows have, the standard error of the row's difference
+    to the baseline implied by its paired-bootstrap interval (avg: of the resample-wise mean over the pairs) and
+    the difference itself."""
+    jobs = {(job.seed, pair): job for job in group for pair in job.results["pairs"]}
+    compared = {}
+    for column in [*pairs, "avg"]:
+        if column not in own or column not in base:
+            continue
+        errors, differences = [], []
+        for seed in sorted(set(own[column].by_seed) & set(base[column].by_seed), key=str):
+            resampled = [jobs[(seed, pair)].differences.get((pair, metric)) if (seed, pair) in jobs else None
+                         for pair in (pairs if column == "avg" else [column])]
+            if any(values is None for values in resampled):
+                continue
+            errors.append(interval_se([statistics.fmean(values) for values in zip(*resampled, strict=True)]))
+            differences.append(own[column].by_seed[seed] - base[column].by_seed[seed])
+        if errors:
+            compared[column] = (errors, differences)
+    return compared
 
 
 def build_tables(jobs: list[Job]) -> list[Table]:
@@ -362,8 +442,10 @@ def build_tables(jobs: list[Job]) -> list[Table]:
                     signs = {job.directions[(pair, metric)] for job in tested}
                     direction[pair] = signs.pop() if len(signs) == 1 else 0
             budgets = {job.examples_per_pair for job in group}
+            compared = _compared(group, cells[(context, label)], cells.get((context, base_label), {}), pairs, metric) \
+                if base_label != label and metric in BOOTSTRAPPED else {}
             rows.append(Row(label, group, cells[(context, label)], base_label if base_label != label else None, delta,
-                            p_max, direction, budgets.pop() if len(budgets) == 1 else ("mixed", "mixed")))
+                            p_max, direction, budgets.pop() if len(budgets) == 1 else ("mixed", "mixed"), compared))
         order = {label: i for i, label in enumerate(baselines.values())}
         rows.sort(key=lambda r: (r.jobs[0].results["method"] != "zero_shot", order.get(r.label, len(order)), r.label))
         first = jobs[0].results
@@ -410,10 +492,34 @@ def caption(table: Table) -> str:
             text += (f" ↑ / ↓: significantly better / worse than {' / '.join(baselines)}: two-sided p < {P_THRESHOLD} "
                      f"in sacrebleu's paired bootstrap ({N_RESAMPLES} resamples) for every seed, each against the "
                      "baseline of the same seed, with the difference in the direction shown in every seed.")
+    text += detectable_note(table)
     text += budget_note(table.rows)
     if table.signature:
         text += f" Signature: {table.signature}."
     return text
+
+
+DESIGN_ROW = "minimum detectable Δ"
+
+
+def detectable_note(table: Table) -> str:
+    """What the design can detect (METHODS.md §5), and that an unmarked difference below it is no evidence of no
+    effect."""
+    values = {column: value for column in [*table.pairs, "avg"] if (value := table.detectable(column)) is not None}
+    if not values:
+        return ""
+    baselines = " / ".join(sorted({r.baseline for r in table.rows if r.baseline}))
+    name = METRICS[table.metric]
+    where = f"{values['avg']:.2f} {name} on the average" if "avg" in values else ""
+    per_pair = ", ".join(f"{pair} {value:.2f}" for pair, value in values.items() if pair != "avg")
+    where = f"{where} ({per_pair})" if where else f"{per_pair} {name}"
+    one_seed = (" With one seed per cell the training noise is not in it, so the real threshold is higher."
+                if _usual_n(table) == 1 else "")
+    return (f" {DESIGN_ROW[0].upper()}{DESIGN_ROW[1:]} (METHODS.md §5): the true difference to {baselines} that a two-sided test at "
+            f"{P_THRESHOLD} detects with {POWER:.0%} power in this design, from the paired-bootstrap intervals of the "
+            f"trained rows' differences and their seed-to-seed spread: differences smaller than {where} cannot be "
+            f"told from noise in this table, so an unmarked difference below it is inconclusive, not evidence of no "
+            f"effect.{one_seed}")
 
 
 def _budget_text(budget: tuple) -> str:
@@ -486,6 +592,12 @@ def _label(table: Table, row: Row) -> str:
     return row.label + ("‡" if row.label in differing_budget(table.rows) else "")
 
 
+def _detectable_cells(table: Table) -> list[str]:
+    """The design's minimum detectable difference per column; empty when the metric has none."""
+    values = [table.detectable(column) for column in [*table.pairs, "avg"]]
+    return [] if all(v is None for v in values) else [_fmt(v) for v in values]
+
+
 def to_markdown(tables: list[Table], failed: list[dict], jobs: list[Job]) -> str:
     out = []
     for t in tables:
@@ -494,6 +606,8 @@ def to_markdown(tables: list[Table], failed: list[dict], jobs: list[Job]) -> str
         for row in t.rows:
             delta = "–" if row.delta is None else f"{row.delta.mean:+.2f}" + (f" ± {row.delta.std:.2f}" * (row.delta.n > 1))
             out.append(f"| {_label(t, row)} | " + " | ".join(_row_cells(t, row, lambda s: f"**{s}**")) + f" | {delta} |")
+        if detectable := _detectable_cells(t):
+            out.append(f"| *{DESIGN_ROW}* | " + " | ".join(detectable) + " | |")
         out += ["", caption(t), ""]
     out += length_lines(jobs)
     if failed:
@@ -507,15 +621,21 @@ def to_csv(tables: list[Table]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["row", "column", "metric", "mean", "std", "n", "values_by_seed", "baseline", "delta_avg_vs_baseline",
-                     "p_value_max_over_seeds", "direction", "steps_per_pair", "examples_per_pair", "test_set"])
+                     "p_value_max_over_seeds", "direction", "steps_per_pair", "examples_per_pair", "test_set",
+                     "min_detectable_difference"])
     for t in tables:
         for row in t.rows:
             for column, cell in row.cells.items():
                 delta = row.delta.mean if column == "avg" and row.delta else ""
+                detectable = minimum_detectable_difference([row.compared[column]], cell.n) \
+                    if column in row.compared else None
                 writer.writerow([row.label, column, t.metric, cell.mean, cell.std, cell.n,
                                  json.dumps({str(k): v for k, v in cell.by_seed.items()}), row.baseline or "", delta,
                                  row.p_max.get(column, ""), row.direction.get(column, ""),
-                                 *(row.budget or ("", "")), t.test_set])
+                                 *(row.budget or ("", "")), t.test_set, "" if detectable is None else detectable])
+        for column in [*t.pairs, "avg"]:
+            if (detectable := t.detectable(column)) is not None:
+                writer.writerow([f"({DESIGN_ROW})", column, t.metric, *[""] * 10, t.test_set, detectable])
     return buffer.getvalue()
 
 
@@ -531,6 +651,9 @@ def to_latex(tables: list[Table], experiment: str) -> str:
             delta = "--" if row.delta is None else f"{row.delta.mean:+.2f}"
             cells = [escape(c).replace("–", "--") for c in _row_cells(t, row, lambda s: rf"\textbf{{{s}}}")]
             out.append(escape(_label(t, row)) + " & " + " & ".join(cells) + f" & {delta} \\\\")
+        if detectable := _detectable_cells(t):
+            out += [r"\midrule", r"\textit{Min.\ detectable $\Delta$} & " + " & ".join(c.replace("–", "--")
+                                                                                   for c in detectable) + r" & \\"]
         label = f"tab:{experiment}-{t.metric}".replace("+", "p").replace("_", "-")
         out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{escape(caption(t))}}}", rf"\label{{{label}}}",
                 r"\end{table}", ""]

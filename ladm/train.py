@@ -138,6 +138,11 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
             if dist.is_main:
                 scored = score(scorer, validation, outputs, targets, tracker, step)
                 validation_scores.update({name: metrics for name, (metrics, _) in scored.items()})
+                hit = evaluator.hit_budget.get(validation.name, {})
+                log.info("validation at step %d: %s", step, "; ".join(
+                    f"{name} " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if v is not None)
+                    + (f", {100 * hit[name]['share']:.0f}% at the generation budget" if name in hit else "")
+                    for name, (metrics, _) in scored.items()))
                 return {name: metrics for name, (metrics, _) in scored.items()}
         else:
             log.warning("no validation sentences (data.validation_size=0 or a tiny corpus): skipping evaluation at step %d", step)

@@ -289,3 +289,72 @@ def test_the_same_data_read_from_two_checkouts_shares_one_row(tmp_path):
         results = json.loads((tmp_path / f"lora-{seed}" / "results.json").read_text())
         write_json_atomic(tmp_path / f"lora-{seed}" / "results.json", results | {"versions": {}})
     assert "data.test.path=/tmp/first-clone/data/flores200/devtest" in report(tmp_path, wandb_log=False)["md"].read_text()
+
+
+def test_minimum_detectable_difference_is_the_formula_of_methods_section_5():
+    """MDD = (z_0.975 + z_0.8) · sqrt(B² + V/S) on synthetic scores, computed here by hand."""
+    from statistics import NormalDist
+
+    from ladm.report import minimum_detectable_difference
+
+    errors = [[0.8, 1.1, 0.9], [1.3, 1.0, 1.2]]  # per row, per seed: bootstrap standard errors
+    differences = [[0.5, -0.2, 1.4], [2.0, 1.1, 0.3]]  # per row, per seed: the difference to the baseline
+    b2 = (0.8 ** 2 + 1.1 ** 2 + 0.9 ** 2 + 1.3 ** 2 + 1.0 ** 2 + 1.2 ** 2) / 6
+    variances = [sum((d - sum(row) / 3) ** 2 for d in row) / 2 for row in differences]
+    z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)
+    expected = z * math.sqrt(b2 + (variances[0] + variances[1]) / 2 / 3)
+    assert minimum_detectable_difference(list(zip(errors, differences, strict=True)), 3) == pytest.approx(expected)
+    # one seed: no seed spread to add, the test-set part alone
+    assert minimum_detectable_difference([([0.8], [0.5])], 1) == pytest.approx(z * 0.8)
+
+
+def test_the_report_states_the_minimum_detectable_difference_from_the_bootstrap_and_the_seeds(tmp_path):
+    """The design row and caption equal the formula applied to the paired bootstrap recomputed here with
+    sacrebleu's corpus scores on sacrebleu's resampled indices (seed 12345), independently of ladm's code."""
+    import numpy as np
+    from statistics import NormalDist
+
+    systems = {1: ([GOOD[i] if i % 3 else POOR[i] for i in range(40)], [GOOD[i] if i % 4 else POOR[i] for i in range(40)]),
+               2: ([GOOD2[i] if i % 2 else POOR2[i] for i in range(40)], [GOOD2[i] if i % 5 else POOR[i] for i in range(40)])}
+    for seed, (lora, ladm) in systems.items():
+        fake_job(tmp_path, f"lora-{seed}", "lora", "zh-lo", lora, seed=seed)
+        fake_job(tmp_path, f"ladm-{seed}", "ladm", "zh-lo", ladm, strength=1.0, seed=seed)
+    written = report(tmp_path, wandb_log=False)
+
+    indices = np.random.default_rng(12345).choice(len(REFS), size=(1000, len(REFS)), replace=True)
+    errors, differences = [], []
+    for lora, ladm in systems.values():
+        resampled = [chrf_of([ladm[i] for i in row], row) - chrf_of([lora[i] for i in row], row) for row in indices]
+        low, high = np.percentile(resampled, [2.5, 97.5])
+        errors.append((high - low) / (2 * NormalDist().inv_cdf(0.975)))
+        differences.append(chrf(ladm) - chrf(lora))
+    spread = (differences[0] - differences[1]) ** 2 / 2  # the sample variance of two values
+    expected = (NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)) * math.sqrt(
+        (errors[0] ** 2 + errors[1] ** 2) / 2 + spread / 2)
+
+    markdown = written["md"].read_text()
+    assert f"| *minimum detectable Δ* | {expected:.2f} | {expected:.2f} | |" in markdown  # one pair: avg = zh-lo
+    assert f"differences smaller than {expected:.2f} chrF++ on the average (zh-lo {expected:.2f}) cannot be told " \
+           "from noise in this table, so an unmarked difference below it is inconclusive, not evidence of no effect" \
+           in markdown
+    design = {r["column"]: r for r in csv.DictReader(written["csv"].open())
+              if r["row"] == "(minimum detectable Δ)" and r["metric"] == "chrf++"}
+    assert float(design["zh-lo"]["min_detectable_difference"]) == pytest.approx(expected, rel=1e-5)
+    assert "Min.\\ detectable" in written["tex"].read_text()
+
+
+def chrf_of(hyps, rows):
+    return CHRF_PP.corpus_score(hyps, [[REFS[i] for i in rows]]).score
+
+
+def test_mlas_lora_rows_name_their_teacher(tmp_path):
+    """The teacher is part of what an MLAS-LoRA row is; a teacher that is the student itself is said so."""
+    fake_job(tmp_path, "lora", "lora", "zh-lo", POOR)
+    for name, teacher in (("same", "tiny-llama3"), ("wider", "tiny-llama3-teacher")):
+        fake_job(tmp_path, name, "mlas_lora", "zh-lo", GOOD2)
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        results["config"]["method"]["teacher"] = {"name": teacher, "path": f"/models/{teacher}"}
+        write_json_atomic(tmp_path / name / "results.json", results)
+    markdown = report(tmp_path, wandb_log=False)["md"].read_text()
+    assert "| mlas_lora teacher.path=/models/tiny-llama3 (teacher: tiny-llama3 = student) |" in markdown
+    assert "| mlas_lora teacher.path=/models/tiny-llama3-teacher (teacher: tiny-llama3-teacher) |" in markdown
