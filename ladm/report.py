@@ -7,8 +7,9 @@ sweep has no LoRA job, over the seeds both have. An arrow marks a cell whose pai
 (sacrebleu, 1000 resamples, two-sided, on the saved hypotheses) against the baseline *of the same seed* gives
 p < 0.05 for every seed with the difference in the same direction in every seed: ↑ significantly better, ↓
 significantly worse (the largest per-seed p-value and the direction are in the CSV). The caption states each
-row's training budget (steps and examples per pair) and marks rows (‡) whose budget differs. Plots: the metric against LaDM's
-modulation strength, one panel per pair with error bars over seeds, and ΔR per layer for each pair.
+row's training budget (steps and examples per pair) and marks rows (‡) whose budget differs, and the design's
+minimum detectable difference (METHODS.md §5). Plots: the metric against each LaDM knob the sweep varies (strength,
+k_TAL/k_LIL, τ), one panel per pair with error bars over seeds, and ΔR per layer for each pair.
 
     ladm-report multirun/ladm_vs_lora [--out DIR] [--no-wandb] [--test-set NAME]
 """
@@ -660,39 +661,63 @@ def to_latex(tables: list[Table], experiment: str) -> str:
     return "\n".join(out)
 
 
-def plot_strength(jobs: list[Job], metric: str, path: Path) -> bool:
-    """Metric against LaDM strength (alpha), one panel per pair, mean ± std over seeds as error bars, the
-    baseline's mean dashed; False when the sweep has fewer than two strengths."""
-    points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for job in jobs:
-        if job.results["method"] == "ladm":
-            for pair in job.results["pairs"]:
-                if (value := job.value(pair, metric)) is not None:
-                    points[pair][job.config["strength"]["alpha"]].append(value)
-    if len({s for by_strength in points.values() for s in by_strength}) < 2:
-        return False
+LADM_AXES = {"strength.alpha": "strength s (α = β)", "method.k_tal": "k_TAL", "method.k_lil": "k_LIL",
+             "method.tau_tal": "τ_TAL", "method.tau_lil": "τ_LIL", "method.ratio_tal": "ratio_TAL",
+             "method.ratio_lil": "ratio_LIL"}  # LaDM knobs a sweep varies: each gets a plot of the metric against it
+
+
+def ladm_axes(jobs: list[Job]) -> list[tuple[str, ...]]:
+    """The LADM_AXES keys that take two or more values over the sweep's LaDM jobs; keys equal to each other in
+    every job (k_tal = k_lil) form one axis."""
+    flats = [_flatten(job.config) for job in jobs if job.results["method"] == "ladm"]
+    varying = [key for key in LADM_AXES if len({str(flat.get(key)) for flat in flats}) > 1]
+    axes: list[tuple[str, ...]] = []
+    for key in varying:
+        together = next((axis for axis in axes if all(flat.get(axis[0]) == flat.get(key) for flat in flats)), None)
+        if together is None:
+            axes.append((key,))
+        else:
+            axes[axes.index(together)] = (*together, key)
+    return axes
+
+
+def plot_ladm_axis(jobs: list[Job], metric: str, axis: tuple[str, ...], path: Path) -> None:
+    """The metric against one LaDM knob (`axis`), one panel per pair, mean ± std over seeds as error bars, one
+    line per setting of the sweep's other varying LaDM knobs, LoRA's mean dashed."""
+    others = [key for other in ladm_axes(jobs) if other != axis for key in other[:1]]
+    points: dict[str, dict[tuple, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     lora: dict[str, list[float]] = defaultdict(list)
     for job in jobs:
-        if job.results["method"] == "lora":
-            for pair in job.results["pairs"]:
-                if (value := job.value(pair, metric)) is not None:
-                    lora[pair].append(value)
+        flat = _flatten(job.config)
+        for pair in job.results["pairs"]:
+            if (value := job.value(pair, metric)) is None:
+                continue
+            if job.results["method"] == "ladm":
+                points[pair][tuple(flat.get(k) for k in others)][flat.get(axis[0])].append(value)
+            elif job.results["method"] == "lora":
+                lora[pair].append(value)
     plt = pyplot()
     pairs = sorted(points, key=list(dict.fromkeys(p for job in jobs for p in job.results["pairs"])).index)
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 3.2), squeeze=False, sharey=True)
     for ax, pair in zip(axes[0], pairs, strict=True):
-        xs = sorted(points[pair])
-        means = [statistics.fmean(points[pair][x]) for x in xs]
-        stds = [statistics.stdev(points[pair][x]) if len(points[pair][x]) > 1 else 0.0 for x in xs]
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label="LaDM")
+        for setting, by_x in sorted(points[pair].items(), key=str):
+            xs = sorted(by_x)
+            means = [statistics.fmean(by_x[x]) for x in xs]
+            stds = [statistics.stdev(by_x[x]) if len(by_x[x]) > 1 else 0.0 for x in xs]
+            label = " ".join(f"{LADM_AXES[k]}={v}" for k, v in zip(others, setting, strict=True)) or "LaDM"
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"LaDM {label}".replace("LaDM LaDM", "LaDM"))
         if lora.get(pair):
             ax.axhline(statistics.fmean(lora[pair]), color="grey", linestyle="--", linewidth=0.8, label="LoRA")
         ax.set_title(pair)
-        ax.set_xlabel("strength s (α = β)")
+        ax.set_xlabel(" = ".join(LADM_AXES[k] for k in axis))
     axes[0][0].set_ylabel(METRICS[metric])
     axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
-    return True
+
+
+def axis_name(axis: tuple[str, ...]) -> str:
+    """The plot file's stem for an axis: `strength`, `k_tal_k_lil`, ..."""
+    return "_".join(key.split(".")[-1] for key in axis).replace("alpha", "strength")
 
 
 def plot_delta_r(jobs: list[Job], path: Path) -> bool:
@@ -766,8 +791,10 @@ def report(sweep_dir: Path, out_dir: Path | None = None, wandb_log: bool = True,
     write_text_atomic(written["csv"], to_csv(tables))
     write_text_atomic(written["tex"], to_latex(tables, str(jobs[0].config.get("name", "sweep"))))
     for table in tables:
-        if plot_strength(jobs, table.metric, out_dir / f"strength_{table.metric}.png"):
-            written[f"strength_{table.metric}"] = out_dir / f"strength_{table.metric}.png"
+        for axis in ladm_axes(jobs):
+            name = f"{axis_name(axis)}_{table.metric}"
+            plot_ladm_axis(jobs, table.metric, axis, out_dir / f"{name}.png")
+            written[name] = out_dir / f"{name}.png"
     if plot_delta_r(jobs, out_dir / "delta_r.png"):
         written["delta_r"] = out_dir / "delta_r.png"
     if plot_delta_r_trajectory(jobs, out_dir / "delta_r_trajectory.png"):

@@ -358,3 +358,41 @@ def test_mlas_lora_rows_name_their_teacher(tmp_path):
     markdown = report(tmp_path, wandb_log=False)["md"].read_text()
     assert "| mlas_lora teacher.path=/models/tiny-llama3 (teacher: tiny-llama3 = student) |" in markdown
     assert "| mlas_lora teacher.path=/models/tiny-llama3-teacher (teacher: tiny-llama3-teacher) |" in markdown
+
+
+def test_a_selection_ablation_is_plotted_against_its_setting(tmp_path, monkeypatch):
+    """k_tal = k_lil swept together is one axis: chrF++ against k with the seeds' mean ± std, LoRA dashed."""
+    import ladm.report as report_module
+
+    hyps = {1: (GOOD, GOOD2), 2: (POOR, GOOD), 4: (POOR, POOR2)}
+    for k, by_seed in hyps.items():
+        for seed, h in enumerate(by_seed, 1):
+            fake_job(tmp_path, f"ladm-k{k}-{seed}", "ladm", "zh-lo", h, strength=0.5, seed=seed)
+            results = json.loads((tmp_path / f"ladm-k{k}-{seed}" / "results.json").read_text())
+            results["config"]["method"] |= {"k_tal": k, "k_lil": k}
+            write_json_atomic(tmp_path / f"ladm-k{k}-{seed}" / "results.json", results)
+    fake_job(tmp_path, "lora", "lora", "zh-lo", POOR2)
+    figures = {}
+    real_save = report_module.save_figure
+    monkeypatch.setattr(report_module, "save_figure", lambda fig, path: (figures.setdefault(path.name, fig),
+                                                                         real_save(fig, path)))
+    written = report(tmp_path, wandb_log=False)
+    assert "strength_chrf++" not in written and written["k_tal_k_lil_chrf++"].stat().st_size > 0
+    ax = figures["k_tal_k_lil_chrf++.png"].axes[0]
+    line = ax.lines[0]
+    assert list(line.get_xdata()) == [1, 2, 4]
+    expected = [mean_std(chrf(a), chrf(b))[0] for a, b in hyps.values()]
+    assert list(line.get_ydata()) == pytest.approx(expected)
+    assert ax.get_xlabel() == "k_TAL = k_LIL"
+    assert any(l.get_linestyle() == "--" and l.get_ydata()[0] == pytest.approx(chrf(POOR2)) for l in ax.lines)
+
+
+COMMITTED_REPORTS = sorted(path.parent for path in (REPO_ROOT / "results").glob("*/report/report.md"))
+
+
+@pytest.mark.parametrize("folder", COMMITTED_REPORTS, ids=lambda path: path.parent.name)
+def test_a_committed_report_regenerates_from_its_committed_results(folder, tmp_path):
+    """Every committed comparison's report.md and report.csv follow from its results.json and prediction files."""
+    written = report(folder.parent, tmp_path, wandb_log=False)
+    for name in ("md", "csv"):
+        assert written[name].read_text() == (folder / f"report.{name}").read_text(), f"report.{name} of {folder}"
