@@ -516,11 +516,11 @@ def detectable_note(table: Table) -> str:
     where = f"{where} ({per_pair})" if where else f"{per_pair} {name}"
     one_seed = (" With one seed per cell the training noise is not in it, so the real threshold is higher."
                 if _usual_n(table) == 1 else "")
-    return (f" {DESIGN_ROW[0].upper()}{DESIGN_ROW[1:]} (METHODS.md §5): the true difference to {baselines} that a two-sided test at "
-            f"{P_THRESHOLD} detects with {POWER:.0%} power in this design, from the paired-bootstrap intervals of the "
-            f"trained rows' differences and their seed-to-seed spread: differences smaller than {where} cannot be "
-            f"told from noise in this table, so an unmarked difference below it is inconclusive, not evidence of no "
-            f"effect.{one_seed}")
+    return (f" {DESIGN_ROW[0].upper()}{DESIGN_ROW[1:]} (METHODS.md §5): the true difference to {baselines} that a "
+            f"two-sided test at {P_THRESHOLD} detects with {POWER:.0%} power in this design, from the paired-bootstrap "
+            f"intervals of the trained rows' differences and their seed-to-seed spread: differences smaller than "
+            f"{where} cannot be told from noise in this table, so an unmarked difference below it is inconclusive, "
+            f"not evidence of no effect.{one_seed}")
 
 
 def _budget_text(budget: tuple) -> str:

@@ -311,8 +311,9 @@ def test_minimum_detectable_difference_is_the_formula_of_methods_section_5():
 def test_the_report_states_the_minimum_detectable_difference_from_the_bootstrap_and_the_seeds(tmp_path):
     """The design row and caption equal the formula applied to the paired bootstrap recomputed here with
     sacrebleu's corpus scores on sacrebleu's resampled indices (seed 12345), independently of ladm's code."""
-    import numpy as np
     from statistics import NormalDist
+
+    import numpy as np
 
     systems = {1: ([GOOD[i] if i % 3 else POOR[i] for i in range(40)], [GOOD[i] if i % 4 else POOR[i] for i in range(40)]),
                2: ([GOOD2[i] if i % 2 else POOR2[i] for i in range(40)], [GOOD2[i] if i % 5 else POOR[i] for i in range(40)])}
