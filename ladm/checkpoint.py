@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ladm import LadmError
-from ladm.files import write_folder_atomic
+from ladm.files import refuse_links_leaving, write_folder_atomic
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -147,10 +147,12 @@ def release_run_folder(out_dir: Path) -> None:
 
 class RunFolderLock:
     """An exclusive `flock` on `<run folder>/.lock`: a second run in the same folder is refused. The kernel
-    drops the lock when the process ends, however it ends (SIGKILL included), so it never stays stuck."""
+    drops the lock when the process ends, however it ends (SIGKILL included), so it never stays stuck. A folder
+    holding a symbolic link that points outside it is refused before anything is written (`refuse_links_leaving`)."""
 
     def __init__(self, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
+        refuse_links_leaving(out_dir)  # before the first byte is written there, the lock file's included
         self.file = open(out_dir / ".lock", "a+")  # noqa: SIM115 - held for the life of the run
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ladm import CONFIG_DIR, LadmError
-from ladm.checkpoint import FolderInUse, hold_run_folder, release_run_folder
+from ladm.checkpoint import hold_run_folder, release_run_folder
 from ladm.distributed import run_stamp
 from ladm.files import write_json_atomic, write_text_atomic
 from ladm.metrics import validation_mean
@@ -212,9 +212,9 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
         if multirun:
             sweep["jobs"].append(out_dir)
         if int(os.environ.get("RANK", "0")) == 0:
-            try:  # before anything is written: a refused run changes nothing in the folder
+            try:  # before anything is written: a refused run (folder in use, a link leaving it) changes nothing there
                 hold_run_folder(out_dir)
-            except FolderInUse as err:
+            except LadmError as err:
                 if not multirun:
                     _fail(prog, err)
                 print(f"{prog}: job {out_dir.name} not run: {err}", file=sys.stderr)

@@ -132,6 +132,30 @@ def folder_digest(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
+def links_leaving(folder: str | Path) -> list[Path]:
+    """The symbolic links below `folder` (never followed) whose target lies outside it: a run folder received from
+    someone else whose `predictions/` or `checkpoints/` points elsewhere would make ladm write or delete there."""
+    root = Path(folder).resolve()
+    leaving = []
+    for parent, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = Path(parent) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                leaving.append(path)
+    return leaving
+
+
+def refuse_links_leaving(folder: str | Path) -> None:
+    """One line naming the first link below `folder` that points outside it (see `links_leaving`)."""
+    leaving = links_leaving(folder)
+    if leaving:
+        link = leaving[0]
+        more = f" (and {len(leaving) - 1} more)" if len(leaving) > 1 else ""
+        raise LadmError(f"{link} is a symbolic link to {os.readlink(link)}, outside the run folder {folder}{more}: "
+                        "ladm never writes or deletes through it; replace it by a copy of what it points to (or "
+                        "remove it) and run again")
+
+
 def follow_umask(folder: str | Path) -> None:
     """Give every file below `folder` the user's umask mode (0666 & ~umask): what libraries wrote with their own
     modes (PEFT's safetensors: 0600) becomes readable by the user's group where the umask says so."""

@@ -95,3 +95,61 @@ def test_saved_adapters_follow_the_umask(make_cfg, files_overrides, tmp_path, me
     files = [p for p in (tmp_path / "adapter").rglob("*") if p.is_file()]
     assert any(p.name == "adapter_model.safetensors" for p in files)
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o664 for p in files}
+
+
+ARTEFACTS = ["predictions", "checkpoints", "adapter", "wandb", ".hydra", "predictions/flores200-devtest",
+             "results.json", "ladm.log", "train_log.jsonl", ".lock", "checkpoints/step-4"]
+
+
+@pytest.mark.parametrize("artefact", ARTEFACTS)
+def test_a_link_that_leaves_the_run_folder_is_refused_before_any_write(tmp_path, artefact):
+    """A run folder whose artefact (a folder, a file, or one inside a real folder) is a symbolic link to somewhere
+    outside it is refused in one line naming the link, and nothing there is written or deleted."""
+    from ladm.checkpoint import RunFolderLock
+
+    run, outside = tmp_path / "run", tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "step-2").mkdir()  # what checkpoint rotation would have deleted
+    (outside / "kept.txt").write_text("theirs")
+    link = run / artefact
+    link.parent.mkdir(parents=True, exist_ok=True)
+    is_folder = "." not in artefact.rsplit("/", 1)[-1] or artefact in (".hydra",)
+    link.symlink_to(outside if is_folder else outside / "kept.txt")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in outside.iterdir())
+    with pytest.raises(LadmError, match=f"{link} is a symbolic link to {outside}.*outside the run folder"):
+        RunFolderLock(run)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in outside.iterdir()) == before
+    assert (outside / "kept.txt").read_text() == "theirs" and not (run / ".lock").exists() or artefact == ".lock"
+
+
+def test_links_inside_the_run_folder_and_a_linked_run_folder_are_fine(tmp_path):
+    """A link that stays inside the folder writes nowhere else; the run folder itself may be a link (to scratch)."""
+    from ladm.checkpoint import RunFolderLock
+
+    scratch = tmp_path / "scratch" / "run"
+    (scratch / "predictions-real").mkdir(parents=True)
+    (scratch / "predictions").symlink_to(scratch / "predictions-real")
+    (tmp_path / "run").symlink_to(scratch)
+    RunFolderLock(tmp_path / "run").release()
+
+
+def test_ladm_train_refuses_a_run_folder_whose_checkpoints_point_elsewhere(tmp_path, monkeypatch, capsys):
+    """End to end: one line, exit 2, the other folder's step-* untouched (rotation would delete them)."""
+    import logging
+    import sys
+
+    from ladm.train import main
+
+    run, outside = tmp_path / "run", tmp_path / "theirs"
+    (outside / "step-1").mkdir(parents=True)
+    run.mkdir()
+    (run / "checkpoints").symlink_to(outside)
+    monkeypatch.setattr(sys, "argv", ["ladm-train", "logger=none", "debug=fast", f"hydra.run.dir={run}",
+                                      "train.checkpoint_every=1"])
+    handlers = logging.getLogger().handlers[:]
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    logging.getLogger().handlers[:] = handlers
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and "checkpoints is a symbolic link" in lines[0], lines
+    assert [p.name for p in outside.iterdir()] == ["step-1"] and not (run / ".hydra").exists()
