@@ -92,6 +92,14 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) 
     return target
 
 
+def drop_checkpoint(out_dir: Path, step: int) -> None:
+    """Remove checkpoints/step-<step> (and checkpoints/ when nothing else is left in it)."""
+    root = out_dir / "checkpoints"
+    shutil.rmtree(root / f"step-{step}", ignore_errors=True)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
 def set_aside(out_dir: Path) -> Path | None:
     """Move old checkpoints out of the way (a run that starts over keeps them, under a stamped name)."""
     root = out_dir / "checkpoints"

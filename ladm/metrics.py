@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import tempfile
 import unicodedata
@@ -152,17 +153,46 @@ def comet_python(eval_cfg: DictConfig) -> str | None:
     return found if Path(found).is_file() else None
 
 
+def run_bounded(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`command` in a process group of its own, its output in temporary files (a child cannot block on a full pipe);
+    past `timeout` seconds, or when this process is interrupted, the whole group is killed (TimeoutExpired)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, code, out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))
+
+
 @functools.lru_cache(maxsize=8)
-def worker_problem(python: str) -> str | None:
-    """Why the COMET environment at `python` cannot score (not runnable, or unbabel-comet does not import there)."""
+def worker_problem(python: str, timeout: float) -> str | None:
+    """Why the COMET environment at `python` cannot score (not runnable, unbabel-comet does not import there, or
+    the import does not finish within `timeout` seconds: `eval.comet.check_timeout`)."""
+    log.info("checking the COMET environment: `import comet` in %s (at most %g s)", python, timeout)
     try:
-        check = subprocess.run([python, "-c", "import comet"], capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as err:
+        check = run_bounded([python, "-c", "import comet"], timeout)
+    except subprocess.TimeoutExpired:
+        return (f"`import comet` in {python} did not finish within eval.comet.check_timeout={timeout:g} s (a hung "
+                "environment, or a very slow file system): check that environment, or raise eval.comet.check_timeout")
+    except OSError as err:
         return f"the COMET environment's Python {python} cannot run ({type(err).__name__}: {err})"
     if check.returncode != 0:
         last = (check.stderr.strip().splitlines() or ["?"])[-1]
         return f"unbabel-comet does not import in {python} ({last}): rebuild it with `make install`"
     return None
+
+
+def worker_timeout(eval_cfg: DictConfig, n_segments: int) -> float:
+    """`eval.comet.timeout` in seconds; `auto`: 10 minutes to load the checkpoint plus 2 s per segment (COMET-22
+    on a CPU scores about one segment a second)."""
+    given = eval_cfg.comet.get("timeout", "auto")
+    return 600 + 2 * n_segments if given == "auto" else float(given)
 
 
 def comet_problem(eval_cfg: DictConfig) -> str | None:
@@ -185,7 +215,7 @@ def comet_problem(eval_cfg: DictConfig) -> str | None:
         load_encoder_files(encoder, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure means "not available offline"
         return f"the tokenizer/config of '{encoder}', which COMET '{name}' loads, is not in the Hugging Face cache"
-    return worker_problem(python) if python is not None else None
+    return worker_problem(python, float(eval_cfg.comet.get("check_timeout", 120))) if python is not None else None
 
 
 def fetch_comet(eval_cfg: DictConfig) -> None:
@@ -347,8 +377,14 @@ class Scorer:
                                            "device": self.eval_cfg.comet.get("device", "auto"), "samples": samples}),
                                encoding="utf-8")
             self.comet_loads += 1
-            done = subprocess.run([self.comet_python, str(WORKER), str(request), str(response)],
-                                  capture_output=True, text=True)
+            timeout = worker_timeout(self.eval_cfg, len(samples))
+            try:
+                done = run_bounded([self.comet_python, str(WORKER), str(request), str(response)], timeout)
+            except subprocess.TimeoutExpired as err:
+                raise LadmError(f"the COMET worker ({self.comet_python}) did not finish scoring {len(samples)} "
+                                f"segments within eval.comet.timeout={timeout:g} s and was stopped: the adapter and "
+                                "hypotheses are saved, so the same command scores them again without training; raise "
+                                "eval.comet.timeout or check that environment") from err
             if done.returncode != 0 or not response.is_file():
                 last = "\n".join(done.stderr.strip().splitlines()[-5:])
                 raise LadmError(f"the COMET worker ({self.comet_python}) failed with exit code {done.returncode}: "

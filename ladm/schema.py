@@ -126,6 +126,7 @@ COMMON: dict[str, Rule] = {
     "eval.comet.model": STR,
     "eval.comet.batch_size": INT_POS, "eval.comet.python": Rule("str", nullable=True),
     "eval.comet.device": Rule("str", choices=("auto", "cpu", "cuda")),
+    "eval.comet.timeout": Rule("float", low=0, low_open=True, auto=True), "eval.comet.check_timeout": FLOAT_POS,
     "evaluate.run": Rule("str", nullable=True), "evaluate.adapter": Rule("str", nullable=True),
     "evaluate.allow_other_base": Rule("bool", nullable=True),
     "logger.name": Rule("str", choices=("wandb", "none")),
@@ -234,7 +235,7 @@ RUN_ONLY_KEYS = ("name", "force", "cache_dir", "logger", "eval", "objective", "t
 NOT_IN_RESULTS = ("name", "force", "cache_dir", "logger", "train.resume", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.log_every", "train.save_adapter", "eval.batch_size",
                   "eval.n_samples", "eval.fetch", "eval.comet.batch_size", "eval.comet.python",
-                  "eval.comet.device")
+                  "eval.comet.device", "eval.comet.timeout", "eval.comet.check_timeout")
 
 
 # Keys added after runs were made, at the value that does what those runs did: left out of the hash there, so

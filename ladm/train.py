@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from ladm import LadmError
-from ladm.checkpoint import config_differences, load_latest, set_aside
+from ladm.checkpoint import config_differences, drop_checkpoint, load_latest, set_aside
 from ladm.cli import cli_main
 from ladm.data import LengthBudgets, SequenceFormat, pair_config, share, training_data, truncate
 from ladm.distributed import DistEnv
@@ -203,6 +203,8 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     }
     results = record_test_results(results, out_dir, scorer, evaluator, test_sets, outputs, targets, tracker,
                                   final_step, cfg.eval.n_samples, started, eval_started)
+    if method.trains and not cfg.train.checkpoint_every:  # the trainer's end-of-training checkpoint has done its job
+        drop_checkpoint(out_dir, train_stats["steps"])
     tracker.finish()
     dist.close()
     return results | {"losses": train_stats.get("losses", [])}

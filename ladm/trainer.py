@@ -215,7 +215,7 @@ def fit(
     amp = autocast_dtype(train_cfg.precision, device)
 
     trained = trained_parameters(model, optimizer)
-    first_step, losses, grad_norms = 1, [], []
+    first_step, losses, grad_norms, seconds_before, finished = 1, [], [], 0.0, False
     selection = Selection(train_cfg.select_on, train_cfg.early_stop_patience) if train_cfg.select_on else None
     seen = dict.fromkeys(pairs, 0)  # training examples consumed per pair, over every rank
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before the schedule scales them
@@ -233,13 +233,14 @@ def fit(
         scheduler.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"][dist.rank])
         first_step, losses, seen = resume["step"] + 1, resume["losses"], resume["examples_seen"]
-        grad_norms = resume.get("grad_norms", [])
+        grad_norms, seconds_before = resume.get("grad_norms", []), resume.get("seconds", 0.0)
+        finished = resume.get("finished", False)  # training had ended: nothing is trained again
         method.load_trainer_state(resume.get("method_state") or {})
         if selection is not None and resume.get("selection") is not None:
             selection.load(resume["selection"])
         log.info("resuming from step %d", resume["step"])
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, done: bool = False) -> None:
         rng = dist.gather(rng_state())
         if dist.is_main:
             weights = {name: p.detach().cpu().clone() for name, p in trained.items()}
@@ -251,7 +252,8 @@ def fit(
                                             "method_state": method.trainer_state(),
                                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                             "rng": rng, "wandb_id": tracker.run_id, "identity": identity,
-                                            "examples_seen": seen},
+                                            "examples_seen": seen, "finished": done,
+                                            "seconds": seconds_before + time.perf_counter() - start},
                             keep=train_cfg.keep_checkpoints)
             fault_after_checkpoint(step)
         dist.barrier()
@@ -260,8 +262,9 @@ def fit(
     taken = steps_taken(first_step - 1, pairs)
     batches = {pair: _batches(*loaders[pair], consumed=taken[pair] * train_cfg.grad_accum) for pair in pairs}
     start = time.perf_counter()
-    progress = tqdm(range(first_step, total_steps + 1), desc="train", disable=not dist.is_main,
-                    initial=first_step - 1, total=total_steps)
+    planned = range(total_steps + 1, total_steps + 1) if finished else range(first_step, total_steps + 1)
+    progress = tqdm(planned, desc="train", disable=not dist.is_main or finished, initial=first_step - 1,
+                    total=total_steps)
     stop = StopSignals()
     step_log = StepLog(out_dir / "train_log.jsonl", first_step) if dist.is_main else None
     for step in progress:
@@ -333,7 +336,13 @@ def fit(
                      train_cfg.select_on, selection.patience, selection.score, selection.step)
             break
     stop.restore()
-    last_step = step if first_step <= total_steps else total_steps
+    last_step = first_step - 1 if finished else step if first_step <= total_steps else total_steps
+    if not finished:
+        # the trained state as it ended (before any selection restores earlier weights): a failure after training
+        # (scoring, COMET, a full disk) resumes from here and never trains the model again
+        checkpoint(last_step, done=True)
+    else:
+        log.info("training had finished at step %d (checkpoint): evaluating its weights, not training again", last_step)
     chosen = None
     if selection is not None:
         if selection.weights is not None and selection.step != last_step:
@@ -351,7 +360,7 @@ def fit(
     return {"steps": last_step, "steps_per_pair": counts.pop() if len(counts) == 1 else trained_per_pair,
             "examples_seen": seen,
             "losses": losses, "final_loss": losses[-1], "divergence": divergence(losses, grad_norms),
-            "selection": chosen, "seconds": time.perf_counter() - start}
+            "selection": chosen, "seconds": seconds_before + time.perf_counter() - start}
 
 
 def steps_taken(steps: int, pairs: list[str]) -> dict[str, int]:

@@ -330,3 +330,51 @@ def test_target_language_rate_is_cld2s_verdict_per_hypothesis():
     unidentified = ["០១", "", "xin chao"]  # Khmer digits, nothing, too little Vietnamese: CLD2 says 'un'
     assert [pycld2.detect(s)[2][0][1] for s in unidentified] == ["un"] * 3
     assert target_language_rate(unidentified, "km") == target_language_rate(unidentified, "vi") == 0.0
+
+
+def hanging_python(folder: Path, imports: bool) -> Path:
+    """A stand-in for a COMET environment's Python that never finishes: on every call, or (imports=True) only when
+    it runs the worker, so that its `import comet` check passes. What it does is fixed, not timed: a kill is the
+    only way it ends."""
+    script = folder / "hung-python"
+    script.write_text("#!/bin/sh\n" + ('[ "$1" = "-c" ] && exit 0\n' if imports else "") + "exec sleep 3600\n")
+    script.chmod(0o755)
+    return script
+
+
+def test_a_hanging_comet_environment_is_one_line_at_start_up(tiny_comet, tmp_path):
+    cfg = eval_cfg(metrics=["chrf++", "comet"], comet={"model": str(tiny_comet[0]), "check_timeout": 1,
+                                                       "python": str(hanging_python(tmp_path, imports=False))})
+    with pytest.raises(LadmError, match=r"`import comet` in .*hung-python did not finish within "
+                                        r"eval.comet.check_timeout=1 s"):
+        Scorer.preflight(cfg)
+
+
+def test_a_hung_comet_worker_fails_the_job_and_a_rerun_scores_without_training(make_cfg, files_overrides, tiny_comet,
+                                                                                 tmp_path, monkeypatch):
+    """The worker is stopped at eval.comet.timeout: one line, results.json `failed`, adapter and hypotheses kept.
+    The same command then scores the saved hypotheses: no optimizer step, no generation."""
+    import ladm.evaluation
+    import ladm.trainer
+
+    common = ["method=lora", "train.max_steps=2", "eval.max_new_tokens=4", "eval.metrics=[chrf++,comet]",
+              f"eval.comet.model={tiny_comet[0]}", *files_overrides]
+    hung = hanging_python(tmp_path, imports=True)
+    job = tmp_path / "job"
+    with pytest.raises(LadmError, match=r"did not finish scoring 4 segments within eval.comet.timeout=2 s"):
+        run(make_cfg(*common, f"eval.comet.python={hung}", "eval.comet.timeout=2"), job)
+    failed = json.loads((job / "results.json").read_text())
+    assert failed["status"] == "failed" and (job / "adapter" / "adapter_model.safetensors").is_file()
+    hypotheses = (job / "predictions" / "files" / "zh-lo.hyp").read_text(encoding="utf-8")
+
+    calls = {"steps": 0, "generations": 0}
+    real_loss, real_translate = ladm.trainer.answer_loss, ladm.evaluation.translate
+    monkeypatch.setattr(ladm.trainer, "answer_loss", lambda *a, **k: calls.__setitem__("steps", calls["steps"] + 1)
+                        or real_loss(*a, **k))
+    monkeypatch.setattr(ladm.evaluation, "translate", lambda *a, **k: calls.__setitem__(
+        "generations", calls["generations"] + 1) or real_translate(*a, **k))
+    again = run(make_cfg(*common), job)
+    assert calls == {"steps": 0, "generations": 0}
+    assert again["status"] == "complete" and again["metrics"]["zh-lo"]["comet"] is not None
+    assert (job / "predictions" / "files" / "zh-lo.hyp").read_text(encoding="utf-8") == hypotheses
+    assert again["train"]["steps"] == 2 and not (job / "checkpoints").exists()  # the end-of-training one is gone

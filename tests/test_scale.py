@@ -128,12 +128,11 @@ def test_run_folder_ownership(make_cfg, files_overrides, tmp_path, caplog):
         run(make_cfg(*common), tmp_path)
     holder.release()
 
-    run(make_cfg(*common, "train.max_steps=3"), tmp_path)  # leaves checkpoint step-2
+    run(make_cfg(*common, "train.max_steps=3"), tmp_path)  # leaves checkpoint step-2 and the finished step-3
     (tmp_path / "results.json").unlink()
     with pytest.raises(LadmError, match=r"trained with another config \(train.lr: 0.01 → 0.02\)"):
         run(make_cfg(*common, "train.max_steps=3", "train.lr=2e-2"), tmp_path)
 
-    (tmp_path / "checkpoints" / "step-3").mkdir()
     (tmp_path / "checkpoints" / "step-3" / "state.pt").write_bytes(b"truncated")
     with caplog.at_level("WARNING"):
         results = run(make_cfg(*common, "train.max_steps=3"), tmp_path)
