@@ -152,7 +152,7 @@ def test_a_file_that_is_not_a_readable_gguf_is_one_line(tmp_path, damage):
 
     good = small_gguf(tmp_path / "good.gguf").read_bytes()
     bad = tmp_path / "model.gguf"
-    bad.write_bytes({"text": "this is a README, not weights\n".encode(), "truncated": good[:40],
+    bad.write_bytes({"text": b"this is a README, not weights\n", "truncated": good[:40],
                      "garbage_after_magic": b"GGUF" + bytes(range(256)) * 4}[damage])
     cfg = OmegaConf.create({"name": "mine", "gguf": {"package": None, "file": str(bad)}})
     with pytest.raises(LadmError, match=f"{bad} is not a readable GGUF file .*give a complete .gguf file") as error:
@@ -170,8 +170,9 @@ def test_model_gguf_file_composes_as_the_readme_prints_it(make_cfg):
 def fake_conversion(tmp_path, monkeypatch):
     """convert_gguf on a small valid GGUF with transformers' loading replaced by a tiny model (the code under test is
     what happens to the temporary folder)."""
-    import ladm.models
     from omegaconf import OmegaConf
+
+    import ladm.models
 
     class Tiny:
         config = type("Config", (), {"__dict__": {}})()
