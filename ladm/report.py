@@ -258,7 +258,9 @@ def resampled_differences(metric, ours: list[str], theirs: list[str], refs: list
     indices = rng.choice(len(ours), size=(N_RESAMPLES, len(ours)), replace=True)
     scores = []
     for hyps in (ours, theirs):
-        stats = np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype="float32")
+        # float64, not sacrebleu's float32: the integer counts sum exactly either way, and float32 scalars promote
+        # differently under numpy 1 and 2 (NEP 50), which moved the scores in their seventh digit between the two
+        stats = np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype="float64")
         scores.append(np.array([metric._compute_score_from_stats(stats[i].sum(0)).score for i in indices]))
     return (scores[0] - scores[1]).tolist()
 
