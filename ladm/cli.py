@@ -106,6 +106,27 @@ def check_group_choices(overrides: list[str]) -> None:
                 raise LadmError(f"unknown {group} '{value}': choose one of {', '.join(sorted(groups[group]))}{extra}")
 
 
+def check_user_configs(argv: list[str]) -> None:
+    """Every YAML file in the user's config folders (`--config-dir`, `hydra.searchpath`) parses, and each one in a
+    group folder is a mapping: a broken file or a list where a group option goes is one line naming the file."""
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    for folder in [d for d in config_dirs(argv) or [] if d != CONFIG_DIR]:
+        for path in sorted(folder.rglob("*.yaml")) if folder.is_dir() else ():
+            try:
+                node = OmegaConf.load(path)
+            except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
+                where = getattr(err, "problem_mark", None)
+                at = f" at line {where.line + 1}" if where is not None else ""
+                reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise LadmError(f"{path} is not valid YAML ({reason}{at}): fix that file in your config folder") \
+                    from err
+            if not isinstance(node, DictConfig):
+                raise LadmError(f"{path} holds a {type(node).__name__.removesuffix('Config').lower()}, not a mapping of "
+                                "keys: a config file is `key: value` lines (see conf/ for examples)")
+
+
 SEARCH_GROUPS = ("hparams_search", "hydra/sweeper")
 
 
@@ -195,6 +216,17 @@ def objective_value(objective: str | None, results: object) -> float | None:
     return validation_mean(objective, results.get("validation") if isinstance(results, dict) else None)
 
 
+def stop_a_search_that_failed_throughout(prog: str, hydra_cfg: DictConfig, sweep: dict[str, list[Path]]) -> None:
+    """When the last trial of a search (`hydra.sweeper.n_trials`) that ran in this process has failed like every
+    other, exit 1 with the closing line here: Optuna would end in a "No trials are completed yet" traceback."""
+    n_trials = OmegaConf.select(hydra_cfg, "sweeper.n_trials")
+    if isinstance(n_trials, int) and len(sweep["jobs"]) == len(sweep["failed"]) == n_trials:
+        print(f"{prog}: all {n_trials} trials of the search failed, so there is no best one: see the results.json of "
+              f"{', '.join(p.name for p in sweep['failed'])} in {sweep['failed'][0].parent} (`ladm-report` lists them)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], object],
              prepare_argv: Callable[[list[str]], list[str]] | None = None) -> Callable[[], None]:
     """`main()` for a console script: validate group names, compose `conf/<config_name>`, run `task`; the job
@@ -219,9 +251,11 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
                     _fail(prog, err)
                 print(f"{prog}: job {out_dir.name} not run: {err}", file=sys.stderr)
                 sweep["failed"].append(out_dir)
+                stop_a_search_that_failed_throughout(prog, hydra_cfg, sweep)
                 return objective_value(objective, None)
-            save_hydra_files(cfg, hydra_cfg, out_dir)
         try:
+            if int(os.environ.get("RANK", "0")) == 0:
+                save_hydra_files(cfg, hydra_cfg, out_dir)  # a full disk here is the job's one-line failure
             return objective_value(objective, task(cfg, out_dir))
         except Exception as err:
             if hydra_cfg.mode != RunMode.MULTIRUN:
@@ -240,6 +274,7 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
                         "config": OmegaConf.to_container(cfg, resolve=False)})
                 except OSError as write_err:  # e.g. the disk is full: the sweep still goes on
                     log.error("could not record the failure of %s: %s", out_dir.name, write_err)
+            stop_a_search_that_failed_throughout(prog, hydra_cfg, sweep)
             return objective_value(objective, None)
         finally:
             release_run_folder(out_dir)
@@ -252,6 +287,7 @@ def cli_main(prog: str, config_name: str, task: Callable[[DictConfig, Path], obj
             if prepare_argv is not None:
                 sys.argv[1:] = prepare_argv(sys.argv[1:])
             check_plugins(sys.argv[1:])
+            check_user_configs(sys.argv[1:])
             check_group_choices(sys.argv[1:])
             check_search_space(config_name, sys.argv[1:])
         except LadmError as err:

@@ -133,7 +133,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     dist = DistEnv.from_environment()
     out_dir = Path(dist.broadcast(str(out_dir)))
     cfg, evaluated = what_to_evaluate(cfg)
-    validate(cfg)
+    validate(cfg, stored=evaluated["kind"] == "run")
     return run_once(cfg, out_dir, dist, lambda _: evaluate(cfg, evaluated, out_dir, dist, started),
                     inputs=evaluated.get("files_digest"))  # a replaced adapter is evaluated again
 

@@ -132,7 +132,7 @@ COMMON: dict[str, Rule] = {
     "logger.name": Rule("str", choices=("wandb", "none")),
     "logger.mode": Rule("str", choices=("offline", "online", "disabled")),
     "probe.reference_pair": STR, "probe.split": Rule("str", choices=("train", "test")),
-    "probe.n_sentences": INT_POS, "probe.batch_size": INT_POS, "probe.bootstrap": INT_NONNEG,
+    "probe.n_sentences": INT_POS, "probe.batch_size": INT_POS, "probe.bootstrap": Rule("int", low=0, high=100_000),
     "probe.input": Rule("str", choices=("prompt", "prompt+reference")),
     "probe.reference_data": Rule("dict", nullable=True),
     "probe.normalisation": Rule("str", choices=("none", "sum", "zscore")),
@@ -214,8 +214,70 @@ def validate_eval(eval_cfg: DictConfig) -> None:
     check_rules(OmegaConf.create({"eval": eval_cfg}), {k: r for k, r in COMMON.items() if k.startswith("eval.")})
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check every key of the schema (and the method's own keys), each data split's paths, one line per problem."""
+# The groups whose keys a user's config (or `+key=` on the command line) could misspell, and the subtrees that hold
+# free-form keys of their own (passed on to the tokenizer) or another group's config (a teacher is a model).
+CHECKED_GROUPS = ("model", "pair", "method", "strength", "data", "train", "eval", "probe", "prompt")
+FREE_FORM = ("model.chat_template_kwargs", "method.teacher.chat_template_kwargs")
+GROUP_AT = {"method.teacher": "model"}
+
+
+def _key_tree(node: Any, prefix: str, into: dict[str, bool]) -> dict[str, bool]:
+    """`into` gains every key path under `prefix` of the plain container `node` → whether it holds a mapping."""
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        path = f"{prefix}.{key}"
+        into[path] = into.get(path, False) or isinstance(value, dict)
+        if isinstance(value, dict) and path not in FREE_FORM:
+            _key_tree(value, path, into)
+    return into
+
+
+def known_keys() -> dict[str, bool]:
+    """Every key path that ladm's own options of the CHECKED_GROUPS define (conf/<group>/*.yaml), with the keys
+    added later (HASH_NEUTRAL) and those a group is placed at (a teacher's model keys)."""
+    known: dict[str, bool] = {}
+    for group in CHECKED_GROUPS:
+        for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+            node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            if isinstance(node, dict):
+                _key_tree(node, group, known)
+    for at, group in GROUP_AT.items():
+        known[at] = True
+        known |= {at + key[len(group):]: holds for key, holds in known.copy().items() if key.startswith(group + ".")}
+    for key in HASH_NEUTRAL:
+        known.setdefault(key, False)
+    return known
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """A key that no ladm config defines (a typo in a user's config file or a `+key=`) is one line naming it, the
+    file's group and its nearest known keys, instead of being silently ignored."""
+    import difflib
+
+    known = known_keys()
+    given: dict[str, bool] = {}
+    for group in CHECKED_GROUPS:
+        node = cfg.get(group)
+        if isinstance(node, DictConfig):
+            _key_tree(OmegaConf.to_container(node, resolve=False), group, given)
+    for path in given:
+        parent = path.rsplit(".", 1)[0]
+        if path in known or parent in FREE_FORM or (parent in given and not known.get(parent, False)):
+            continue  # known, free-form, or inside a value that ladm takes whole (a mapping where a value goes)
+        siblings = sorted(k.rsplit(".", 1)[1] for k in known if k.rsplit(".", 1)[0] == parent)
+        near = difflib.get_close_matches(path.rsplit(".", 1)[1], siblings, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(f'{parent}.{k}' for k in near)}?" if near else \
+            f"{parent} takes {', '.join(siblings)}"
+        raise LadmError(f"{path} is not a key ladm knows ({hint}): remove it or correct its name in your config")
+
+
+def validate(cfg: DictConfig, stored: bool = False) -> None:
+    """Check every key of the schema (and the method's own keys), each data split's paths, one line per problem;
+    and that every key is one ladm knows, unless `cfg` is a run folder's saved config (`stored`: an older ladm's
+    may hold keys removed since)."""
+    if not stored:
+        check_known_keys(cfg)
     method = _value(cfg, "method.name")
     if method not in METHOD:
         raise LadmError(f"method.name must be one of {' | '.join(METHOD)}, got {method!r}")

@@ -95,6 +95,9 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, dist: DistEnv, started: f
     check_model_path(cfg.model)
     check_selection(cfg)
     method = build_method(cfg, dist)
+    if not method.trains and (cfg.train.select_on or cfg.train.early_stop_patience):
+        log.warning("train.select_on and train.early_stop_patience do not apply to %s, which does not train: its "
+                    "results have no selection (a sweep may set them for every method)", cfg.method.name)
     pair_cfgs = {name: pair_config(cfg, name) for name in method.pairs}
     train_corpora, validation_corpora = training_data(cfg, pair_cfgs)
     validation = EvalSet("validation", validation_corpora, is_test=False)

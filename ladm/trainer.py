@@ -27,7 +27,7 @@ from ladm import LadmError
 from ladm.checkpoint import all_finite, rng_state, save_checkpoint, set_rng_state, trained_parameters
 from ladm.data import IGNORE_INDEX, Example, collate
 from ladm.distributed import DistEnv
-from ladm.files import write_lines_atomic
+from ladm.files import write_failure, write_lines_atomic
 from ladm.losses import answer_loss
 from ladm.metrics import validation_mean
 from ladm.tracking import Tracker
@@ -390,11 +390,16 @@ class StepLog:
                 except (ValueError, KeyError, TypeError):
                     continue
         write_lines_atomic(path, kept)
+        self.path = path
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run, closed in close()
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:  # a full disk: one line (a line cut here is dropped on resume)
+            raise write_failure(self.path, err, "free disk space and run the same command again (training resumes "
+                                "from its last checkpoint, if any)") from err
 
     def close(self) -> None:
         self.file.close()

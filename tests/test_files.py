@@ -153,3 +153,20 @@ def test_ladm_train_refuses_a_run_folder_whose_checkpoints_point_elsewhere(tmp_p
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_info.value.code == 2 and len(lines) == 1 and "checkpoints is a symbolic link" in lines[0], lines
     assert [p.name for p in outside.iterdir()] == ["step-1"] and not (run / ".hydra").exists()
+
+
+def test_a_full_disk_under_the_step_log_is_one_line(tmp_path):
+    """train_log.jsonl is appended to step by step: ENOSPC there is the one-line error, not a traceback."""
+    import errno
+
+    from ladm.trainer import StepLog
+
+    class FullDisk:
+        def write(self, _text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = StepLog(tmp_path / "train_log.jsonl", first_step=0)
+    log.file.close()
+    log.file = FullDisk()
+    with pytest.raises(LadmError, match=r"cannot write .*train_log.jsonl \(No space left on device\): free disk space"):
+        log.write({"step": 1})

@@ -100,3 +100,39 @@ def test_keys_added_later_at_their_neutral_value_keep_older_runs_complete(make_c
     filled = with_later_keys(older)
     assert all(OmegaConf.select(filled, key) == value for key, value in HASH_NEUTRAL.items())
     validate(filled)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+train.max_step=3", "train.max_step is not a key ladm knows (did you mean train.max_steps?)"),
+    ("+model.colour=blue", "model.colour is not a key ladm knows (model takes attn_implementation, chat_template, "),
+    ("+method.teacher.colour=blue", "method.teacher.colour is not a key ladm knows"),
+    ("+probe.n_sentence=8", "probe.n_sentence is not a key ladm knows (did you mean probe.n_sentences?)"),
+])
+def test_a_key_no_ladm_config_defines_is_one_line(override, message):
+    """A misspelt key (from a user's config file or `+key=`) is refused, not silently ignored."""
+    method = "mlas_lora" if "teacher" in override else "ladm"
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"method={method}", override])
+    with pytest.raises(LadmError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(message)
+
+
+def test_free_form_and_stored_configs_are_not_checked_for_known_keys():
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        validate(compose("config", overrides=["+model.chat_template_kwargs.enable_thinking=false"]))
+        validate(compose("config", overrides=["+train.removed_since=1"]), stored=True)  # an older run's config
+
+
+def test_a_broken_or_list_config_file_in_a_users_folder_is_one_line(tmp_path):
+    from ladm.cli import check_user_configs
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\npath: [unclosed\n")
+    with pytest.raises(LadmError, match=r"model/mine.yaml is not valid YAML \(.*at line 3\): fix that file"):
+        check_user_configs(["--config-dir", str(tmp_path), "model=mine"])
+    (tmp_path / "model" / "mine.yaml").write_text("- a\n- b\n")
+    with pytest.raises(LadmError, match=r"model/mine.yaml holds a list, not a mapping of keys"):
+        check_user_configs([f"--config-dir={tmp_path}", "model=mine"])
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\npath: /models/mine\n")
+    check_user_configs(["-cd", str(tmp_path), "model=mine"])

@@ -98,3 +98,19 @@ def test_a_bad_search_space_is_one_line_before_optuna_starts(monkeypatch, capsys
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_search_whose_every_trial_fails_ends_in_one_line(tmp_path, cache_dir):
+    """Both trials ask for batches that debug=fast's 16 sentences cannot fill: the search ends with one closing
+    line and exit 1, not Optuna's "No trials are completed yet" traceback, and both failures are recorded."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ladm.train", "-m", "hparams_search=optuna_ladm", "hydra.sweeper.n_trials=2",
+         "train.batch_size=choice(100,200)", "train.lr=1e-3", "strength=s0.5", "method.r=4", "debug=fast",
+         "data.validation_size=8", f"cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "No trials are completed" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("ladm-train: all 2 trials of the search failed, so there is no best")
+    jobs = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
+    assert len(jobs) == 2 and all(job["status"] == "failed" and "cannot fill one batch" in job["error"] for job in jobs)
