@@ -170,3 +170,34 @@ def test_a_full_disk_under_the_step_log_is_one_line(tmp_path):
     log.file = FullDisk()
     with pytest.raises(LadmError, match=r"cannot write .*train_log.jsonl \(No space left on device\): free disk space"):
         log.write({"step": 1})
+
+
+class _RunsCode:
+    """A pickle that would run code when loaded (writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickled_adapter_that_would_run_code_is_one_line_and_runs_nothing(tmp_path):
+    import json
+    import pickle
+
+    import torch
+
+    from ladm.methods.base import check_peft_folder
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "peft_type": "LORA"}))
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(4, 8)}, adapter / "adapter_model.bin")
+    check_peft_folder(adapter)  # plain tensors: accepted
+    marker = tmp_path / "code-ran"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"weights": _RunsCode(marker)}))
+    with pytest.raises(LadmError) as err:
+        check_peft_folder(adapter)
+    assert "is not plain tensors that torch's safe loader accepts (UnpicklingError)" in str(err.value)
+    assert "weights_only=False" not in str(err.value) and not marker.exists()

@@ -30,6 +30,17 @@ def _same_model(a: str, b: str) -> bool:
     return str(a) == str(b) or last(a) == last(b)
 
 
+def check_pickled_weights(path: Path) -> None:
+    """A pickled `adapter_model.bin` must load under torch's safe unpickler (`weights_only=True`, as PEFT loads it):
+    one that would run code, or is damaged, is one line here, never a hint to turn the safe loader off."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError (code in the pickle), EOFError, RuntimeError: not loadable
+        raise LadmError(f"{path} is not plain tensors that torch's safe loader accepts ({type(err).__name__}): ladm "
+                        "never runs code from a weights file; save the adapter again (PEFT writes "
+                        "adapter_model.safetensors)") from err
+
+
 def check_peft_folder(folder: Path, model_path: str | None = None, allow_other_base: bool = False) -> None:
     """Before any model is loaded: every adapter in `folder` has a readable adapter_config.json and complete
     weights whose LoRA ranks match its config, and (given `model_path`) was trained on that model, unless
@@ -45,7 +56,8 @@ def check_peft_folder(folder: Path, model_path: str | None = None, allow_other_b
         weights = adapter / "adapter_model.safetensors"
         if not weights.is_file():
             if (adapter / "adapter_model.bin").is_file():
-                continue  # pickled weights: left to PEFT (loaded with weights_only)
+                check_pickled_weights(adapter / "adapter_model.bin")
+                continue
             raise LadmError(f"{adapter} has no adapter_model.safetensors: save the adapter again")
         header = safetensors_header(weights)
         rank, patterns = config.get("r"), config.get("rank_pattern") or {}
