@@ -217,7 +217,9 @@ def validate_eval(eval_cfg: DictConfig) -> None:
 # The groups whose keys a user's config (or `+key=` on the command line) could misspell, and the subtrees that hold
 # free-form keys of their own (passed on to the tokenizer) or another group's config (a teacher is a model).
 CHECKED_GROUPS = ("model", "pair", "method", "strength", "data", "train", "eval", "probe", "prompt")
-FREE_FORM = ("model.chat_template_kwargs", "method.teacher.chat_template_kwargs")
+# (model.random_init is checked against the model's own config class where it is built.)
+FREE_FORM = ("model.chat_template_kwargs", "method.teacher.chat_template_kwargs", "model.random_init",
+             "method.teacher.random_init")
 GROUP_AT = {"method.teacher": "model"}
 
 
